@@ -1,0 +1,3 @@
+"""megatron-ultramem: UltraMem ultra-sparse memory layers for Megatron-Core."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,282 @@
+"""UltraMemConfig: Megatron-Core's TransformerConfig plus the `ultramem_*` knobs.
+
+The fields are on a TransformerConfig subclass (not a separate object) so that one config flows
+through GPTModel, the layer specs and Megatron-LM's `core_transformer_config_from_args`, which copies
+every parsed argument whose name matches a field. Every knob of the algorithm (ULTRAMEM.md) is here;
+validation runs in `__post_init__`, before any module is built, and every error names the field and
+its allowed values.
+"""
+
+import ast
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+MODES = ("replace", "parallel", "skip")
+INITS = ("paper", "reference")
+SCORE_ACTIVATIONS = ("none", "softmax")
+IMPLS = ("auto", "reference", "triton")
+
+
+@dataclass
+class UltraMemConfig(TransformerConfig):
+    """Configuration of a GPT decoder with UltraMem memory layers."""
+
+    ultramem_mode: str = "parallel"
+    """Where memory layers go. 'replace': the memory replaces the MLP/MoE of the chosen layers.
+    'parallel': the memory runs beside the dense MLP of the chosen layers and the outputs add
+    (UltraMemV2; the natural drop-in for a MoE block). 'skip': the paper's skip-layer units, see
+    `ultramem_skip_units`."""
+
+    ultramem_layers: Union[int, List[int], str] = 1
+    """Which layers get a memory (modes 'replace' and 'parallel'), spelled like `moe_layer_freq`:
+    an int N puts one in every N-th layer (layer i when i % N == 0), a list of 0/1 has one entry per
+    layer, and a string is a list expression such as "[0,1]*4" or "([0]*3+[1])*2"."""
+
+    ultramem_skip_units: Optional[Union[str, List[Tuple[int, int]]]] = None
+    """Skip-layer units for mode 'skip': "i:j,i:j,..." or [(i, j), ...], 0-based block indices with
+    i <= j. A unit reads block i's pre-MLP LayerNorm output and adds its output to the residual
+    stream after block j (i == j runs beside block i's MLP). Paper, 20 layers: "2:5,6:9,10:13,14:17".
+    """
+
+    ultramem_num_keys: int = 64
+    """n: keys per side of the physical grid; the table has N = n^2 rows. Paper: 808 at 227M."""
+
+    ultramem_key_dim: int = 128
+    """K: query/key dimension per side (row or column). Paper: 192 at 227M."""
+
+    ultramem_value_dim: Optional[int] = None
+    """Dv: value dimension. None means hidden_size // 2 ("half vdim + proj", paper ablation -0.022)."""
+
+    ultramem_expansion: int = 4
+    """E: implicit value expansion rate, a perfect square; E * N virtual values. Paper default 4."""
+
+    ultramem_tucker_rank: int = 2
+    """r: Tucker rank of the row/column scores. Paper: r = 2 (2, 3, 4 about equal)."""
+
+    ultramem_num_cores: int = 2
+    """h: Tucker cores (multi-core scoring); Dv is split into h slices. Paper: h = 2 best."""
+
+    ultramem_num_heads: int = 2
+    """H: retrieval heads sharing one query. Paper default 2."""
+
+    ultramem_topm: int = 32
+    """m: top-m per head, used for the row, column and final selection; m <= sqrt(E) * n.
+    Paper: 80 (v1), 32..768 (v2)."""
+
+    ultramem_aux_loss_alpha: float = 0.001
+    """alpha of the Tucker auxiliary loss (paper default 0.001; 0 switches it off, as the public
+    reference code does)."""
+
+    ultramem_aux_loss_tau: float = 0.15
+    """tau: margin under which non-leading singular values of the summed core are free. Paper 0.15."""
+
+    ultramem_init: str = "paper"
+    """'paper': variance-matched init (values ~ N(0, E/(2 m H L)), Wo std 1/sqrt(E*Dv), unit-variance
+    scores), so each memory adds output variance ~1/(2L) like a GPT MLP. 'reference': the public
+    reference code's (values std 0.02, LN weights K^-0.33, q/keys std 1/sqrt(K), cores U(0, 1))."""
+
+    ultramem_value_lr_mult: float = 4.0
+    """rho0: the value table's LR multiplier at step 0, decaying linearly to 1 (reference code: 4;
+    the paper's summary says 10; UltraMemV2 found 1 slightly better at 1.4T tokens)."""
+
+    ultramem_value_lr_decay_rate: float = 1.0
+    """rate: the multiplier reaches 1 at step rate * max_steps."""
+
+    ultramem_value_weight_decay: bool = False
+    """Apply weight decay to the value table (off by default: each row sees few updates)."""
+
+    ultramem_score_activation: str = "none"
+    """Activation of the pooling weights: 'none' (paper: raw scores, softmax removal -0.006) or
+    'softmax' over each head's m winners (the product-key-memory baseline)."""
+
+    ultramem_impl: str = "auto"
+    """Retrieval/aggregation backend: 'auto' (Triton kernels on CUDA, reference on CPU),
+    'reference' (pure PyTorch everywhere) or 'triton'."""
+
+    ultramem_deterministic: bool = False
+    """Sorted, atomic-free value-table gradient in the Triton backward (bitwise reproducible)."""
+
+    ultramem_seed: int = 1234
+    """Seed of the virtual-index permutation and the init of memory parameters; derived per layer,
+    so the table is the same on every rank whatever the parallel layout."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_ultramem()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def ultramem_expansion_side(self) -> int:
+        """E' = sqrt(E): the key grid is expanded by E' per side."""
+        return math.isqrt(self.ultramem_expansion)
+
+    @property
+    def ultramem_keys_per_side(self) -> int:
+        """n' = E' * n, keys per side of the virtual grid."""
+        return self.ultramem_expansion_side * self.ultramem_num_keys
+
+    @property
+    def ultramem_num_values(self) -> int:
+        """N = n^2 physical value rows."""
+        return self.ultramem_num_keys**2
+
+    # ------------------------------------------------------------------ validation
+    def validate_ultramem(self) -> None:
+        """Check every ultramem_* field; raise ValueError naming the field and the allowed values."""
+        _choice("ultramem_mode", self.ultramem_mode, MODES)
+        _choice("ultramem_init", self.ultramem_init, INITS)
+        _choice("ultramem_score_activation", self.ultramem_score_activation, SCORE_ACTIVATIONS)
+        _choice("ultramem_impl", self.ultramem_impl, IMPLS)
+        for name in (
+            "ultramem_num_keys",
+            "ultramem_key_dim",
+            "ultramem_expansion",
+            "ultramem_tucker_rank",
+            "ultramem_num_cores",
+            "ultramem_num_heads",
+            "ultramem_topm",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        E = self.ultramem_expansion
+        if math.isqrt(E) ** 2 != E:
+            raise ValueError(
+                f"ultramem_expansion (E) must be a perfect square (1, 4, 9, 16, ...), got {E}"
+            )
+        if self.ultramem_value_dim is None:
+            self.ultramem_value_dim = self.hidden_size // 2
+        Dv, h = self.ultramem_value_dim, self.ultramem_num_cores
+        if not isinstance(Dv, int) or Dv < 1:
+            raise ValueError(f"ultramem_value_dim (Dv) must be a positive integer, got {Dv!r}")
+        if Dv % h != 0:
+            raise ValueError(
+                f"ultramem_value_dim (Dv={Dv}) must be divisible by ultramem_num_cores (h={h}): "
+                f"allowed h are the divisors of {Dv}"
+            )
+        n_side = self.ultramem_keys_per_side
+        if self.ultramem_topm > n_side:
+            raise ValueError(
+                f"ultramem_topm (m={self.ultramem_topm}) must be <= keys per side of the virtual "
+                f"grid n' = sqrt(E) * n = {n_side}: allowed 1..{n_side}"
+            )
+        if self.ultramem_aux_loss_alpha < 0:
+            raise ValueError(
+                f"ultramem_aux_loss_alpha must be >= 0, got {self.ultramem_aux_loss_alpha}"
+            )
+        if self.ultramem_aux_loss_tau < 0:
+            raise ValueError(f"ultramem_aux_loss_tau must be >= 0, got {self.ultramem_aux_loss_tau}")
+        if self.ultramem_value_lr_mult <= 0:
+            raise ValueError(
+                f"ultramem_value_lr_mult (rho0) must be > 0, got {self.ultramem_value_lr_mult}"
+            )
+        if self.ultramem_value_lr_decay_rate <= 0:
+            raise ValueError(
+                "ultramem_value_lr_decay_rate must be > 0, got "
+                f"{self.ultramem_value_lr_decay_rate}"
+            )
+        if self.ultramem_mode == "skip":
+            units = self.ultramem_skip_unit_list()
+            if self.recompute_granularity == "full":
+                raise ValueError(
+                    "ultramem_mode='skip' does not support recompute_granularity='full': a unit's "
+                    "output crosses layer boundaries; use 'selective' or None"
+                )
+            if self.pipeline_model_parallel_size > 1:
+                raise ValueError(
+                    "ultramem_mode='skip' needs pipeline_model_parallel_size=1 (a unit may not "
+                    f"cross a stage boundary); got {self.pipeline_model_parallel_size}. Use "
+                    "'parallel' or 'replace'."
+                )
+            if not units:
+                raise ValueError("ultramem_skip_units must name at least one unit for mode 'skip'")
+        else:
+            self.ultramem_layer_pattern()
+
+    def ultramem_layer_pattern(self) -> List[int]:
+        """The 0/1 per-layer pattern of `ultramem_layers` (modes 'replace' and 'parallel')."""
+        return parse_layer_pattern(self.ultramem_layers, self.num_layers, "ultramem_layers")
+
+    def ultramem_skip_unit_list(self) -> List[Tuple[int, int]]:
+        """The (i, j) skip units, validated against num_layers."""
+        return parse_skip_units(self.ultramem_skip_units, self.num_layers)
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _eval_pattern(node):
+    """Evaluate a list expression of ints, '+' and '*' only (no eval: config strings are data)."""
+    if isinstance(node, ast.Expression):
+        return _eval_pattern(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_eval_pattern(e) for e in node.elts]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _eval_pattern(node.left), _eval_pattern(node.right)
+        return left + right if isinstance(node.op, ast.Add) else left * right
+    raise ValueError(f"unsupported element {ast.dump(node)}")
+
+
+def parse_layer_pattern(value, num_layers: int, name: str = "ultramem_layers") -> List[int]:
+    """Expand an int / list / string layer selection into a 0/1 list of length num_layers."""
+    if isinstance(value, str):
+        try:
+            value = _eval_pattern(ast.parse(value.strip(), mode="eval"))
+        except (SyntaxError, ValueError) as err:
+            raise ValueError(
+                f"{name}={value!r} is not a layer pattern: use an int N (every N-th layer), a "
+                f'list of 0/1 like "[0,1,0,1]", or an expression like "([0]*3+[1])*2" ({err})'
+            ) from None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int >= 1, a list of 0/1 or a pattern string")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"{name} as an int must be >= 1 (one memory every N layers), got {value}")
+        return [1 if i % value == 0 else 0 for i in range(num_layers)]
+    pattern = list(value)
+    if len(pattern) != num_layers:
+        raise ValueError(
+            f"{name} has {len(pattern)} entries but num_layers is {num_layers}: give one 0/1 per layer"
+        )
+    if any(p not in (0, 1) for p in pattern):
+        raise ValueError(f"{name} entries must be 0 or 1, got {pattern}")
+    if sum(pattern) == 0:
+        raise ValueError(f"{name}={value!r} selects no layer: at least one entry must be 1")
+    return pattern
+
+
+def parse_skip_units(value, num_layers: int) -> List[Tuple[int, int]]:
+    """Parse "i:j,i:j" (or a list of pairs) into validated 0-based (i, j) units."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        units = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            bits = part.split(":")
+            if len(bits) != 2 or not all(b.strip().lstrip("-").isdigit() for b in bits):
+                raise ValueError(
+                    f'ultramem_skip_units: "{part}" is not "i:j" (two 0-based block indices)'
+                )
+            units.append((int(bits[0]), int(bits[1])))
+    else:
+        units = [tuple(u) for u in value]
+    sources = set()
+    for i, j in units:
+        if not 0 <= i <= j:
+            raise ValueError(f"ultramem_skip_units: unit {i}:{j} needs 0 <= i <= j")
+        if j >= num_layers:
+            raise ValueError(
+                f"ultramem_skip_units: unit {i}:{j} points past the last layer "
+                f"(num_layers={num_layers}, allowed block indices 0..{num_layers - 1})"
+            )
+        if i in sources:
+            raise ValueError(f"ultramem_skip_units: block {i} is the source of two units")
+        sources.add(i)
+    return units

@@ -1,0 +1,149 @@
+"""CPU compatibility layer: lets real Megatron-Core code run on CPU under the gloo backend.
+
+Megatron-Core assumes CUDA in a few places. `enable()` patches exactly those that GPTModel,
+parallel_state, tensor_parallel, the layer specs, Megatron's DDP and dist_checkpointing reach on a
+CPU-only machine, and nothing else. It does nothing when CUDA is available, is idempotent (a marker
+attribute on each patched object), and keeps each original as `__wrapped__` so `disable()` restores
+it. Call it before building the model.
+
+Patches (target: reason):
+ 1. GlobalMemoryBuffer.get_tensor, RotaryEmbedding.__init__/get_emb:
+    they place tensors on `torch.cuda.current_device()`; run them with that returning 'cpu'.
+ 2. transformer.utils.get_default_causal_mask (and its import in fused_softmax):
+    builds the mask with device="cuda"; build it on CPU.
+ 3. CudaRNGStatesTracker.add/fork, model_parallel_cuda_manual_seed:
+    the tracker stores and swaps CUDA generator states; on CPU it swaps the CPU generator's state
+    (dropout in tensor-parallel regions then draws from the tracked per-rank stream, as on GPU).
+ 4. moe_utils.te_general_gemm: megatron-core 0.16.1 without Transformer Engine references it
+    undefined in the router; define it as None (the router then uses torch.matmul).
+ 5. torch.cuda.synchronize, torch.cuda.current_stream, torch.cuda.Stream, torch.cuda.stream:
+    Megatron's DDP and the dist-checkpoint async writer call them unconditionally; on CPU there is
+    nothing to synchronize, so they become no-ops / a dummy stream.
+"""
+
+import contextlib
+import functools
+
+import torch
+
+_MARK = "_ultramem_cpu_patched"
+_PATCHED = []  # (owner, attribute name) pairs, for disable()
+
+
+def _patch(owner, name, replacement):
+    original = getattr(owner, name, None)
+    if original is not None and getattr(original, _MARK, False):
+        return  # idempotent
+    setattr(replacement, _MARK, True)
+    replacement.__wrapped__ = original
+    setattr(owner, name, replacement)
+    _PATCHED.append((owner, name))
+
+
+@contextlib.contextmanager
+def _cuda_device_is_cpu():
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original
+
+
+def _on_cpu(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_device_is_cpu():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _causal_mask_cpu(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+
+def _tracker_add(self, name, seed):
+    self._is_initialized = True
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise Exception(f"rng state {name} already exists")
+    orig = torch.get_rng_state()
+    torch.manual_seed(seed)
+    self.states_[name] = torch.get_rng_state()
+    torch.set_rng_state(orig)
+
+
+@contextlib.contextmanager
+def _tracker_fork(self, name="model-parallel-rng"):
+    if name not in self.states_:
+        raise Exception(f"rng state {name} is not added")
+    orig = torch.get_rng_state()
+    torch.set_rng_state(self.states_[name])
+    try:
+        yield
+    finally:
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+
+class _NoStream:
+    """Stand-in for torch.cuda.Stream on CPU: every operation is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return None
+
+
+def enable() -> bool:
+    """Apply the patches when CUDA is absent. Returns True when the CPU layer is active."""
+    if torch.cuda.is_available():
+        return False
+    from megatron.core import utils as mc_utils
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as tr_utils
+    from megatron.core.transformer.moe import moe_utils
+
+    # 1
+    _patch(mc_utils.GlobalMemoryBuffer, "get_tensor", _on_cpu(mc_utils.GlobalMemoryBuffer.get_tensor))
+    _patch(rope.RotaryEmbedding, "__init__", _on_cpu(rope.RotaryEmbedding.__init__))
+    _patch(rope.RotaryEmbedding, "get_emb", _on_cpu(rope.RotaryEmbedding.get_emb))
+    # 2
+    _patch(tr_utils, "get_default_causal_mask", _causal_mask_cpu)
+    _patch(fused_softmax, "get_default_causal_mask", _causal_mask_cpu)
+    # 3
+    _patch(tp_random.CudaRNGStatesTracker, "add", _tracker_add)
+    _patch(tp_random.CudaRNGStatesTracker, "fork", _tracker_fork)
+    # 4
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    # 5
+    _patch(torch.cuda, "synchronize", lambda *a, **k: None)
+    _patch(torch.cuda, "current_stream", lambda *a, **k: _NoStream())
+    _patch(torch.cuda, "Stream", _NoStream)
+    _patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+    return True
+
+
+def disable() -> None:
+    """Undo every patch (tests use this to check idempotence and reversibility)."""
+    while _PATCHED:
+        owner, name = _PATCHED.pop()
+        current = getattr(owner, name)
+        setattr(owner, name, current.__wrapped__)
+
+
+def is_enabled() -> bool:
+    return bool(_PATCHED)
