@@ -214,23 +214,23 @@ def materialized_aggregate(
     values: torch.Tensor,
     out_weight: torch.Tensor,
 ) -> torch.Tensor:
-    """Test oracle for IVE: build every virtual value V @ W_p explicitly and pool them.
+    """Test oracle for IVE: build every virtual value explicitly and pool them.
 
-    The virtual value at permuted address j = p * N + phi is V[phi] @ W_p^T-block, where W_p is
-    column block p of the output projection (out_weight [D, E*Dv] viewed as [D, E, Dv]). With
-    multi-core scoring the score applies per Dv slice *before* the projection, so each virtual
-    value is materialized per core slice: virt[j, i] = V[phi, slice_i] @ W_p[:, slice_i]^T.
-
+    Args:
+        virtual [T, M], scores [T, M, h], permutation [E*N], values [N, Dv];
+        out_weight: [D, E, Dv], W_p = out_weight[:, p, :] is virtual block p's projection.
+    The virtual value at permuted address j = p * N + phi is W_p V[phi]. With multi-core scoring the
+    score applies per Dv slice before the projection, so each virtual value is materialized per core
+    slice i: virt[j, i] = W_p[:, slice_i] V[phi, slice_i].
     Returns:
         [T, D] = sum_k sum_i scores[t, k, i] * virt[pi(virtual[t, k]), i].
     """
     N, Dv = values.shape
-    D = out_weight.shape[0]
+    D, E, _ = out_weight.shape
     h = scores.shape[-1]
-    E = out_weight.shape[1] // Dv
-    w = out_weight.view(D, E, h, Dv // h)  # [D, E, h, Dv/h]
-    vs = values.view(N, h, Dv // h)  # [N, h, Dv/h]
-    # Every virtual value of every core slice: [E, N, h, D]  (E*N rows, the thing IVE avoids)
+    w = out_weight.reshape(D, E, h, Dv // h)  # [D, E, h, Dv/h]
+    vs = values.reshape(N, h, Dv // h)  # [N, h, Dv/h]
+    # Every virtual value of every core slice: [E*N, h, D] (the E*N rows that IVE never builds)
     virt = torch.einsum("nic,deic->enid", vs, w).reshape(E * N, h, D)
     picked = virt[permutation[virtual]]  # [T, M, h, D]
     return torch.einsum("tmi,tmid->td", scores.to(picked.dtype), picked)

@@ -1,0 +1,35 @@
+"""Shared fixtures: a gloo world of size 1 with Megatron's parallel state, on CPU.
+
+Multi-rank tests live in tests/distributed and run their own torchrun processes.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """torch.distributed (gloo, world 1) + parallel_state (TP=1, EP=1) + CPU compat + RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_ultramem import cpu_compat
+
+    cpu_compat.enable()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1234)
+    yield

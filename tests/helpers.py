@@ -1,0 +1,35 @@
+"""Small builders shared by tests."""
+
+import torch
+
+from megatron_ultramem.config import UltraMemConfig
+
+
+def small_config(dtype=torch.float32, **overrides) -> UltraMemConfig:
+    """A tiny config with deliberately odd sizes (D=24, K=6, n=5 -> n'=10, m=7, Dv=10)."""
+    fields = dict(
+        num_layers=3,
+        hidden_size=24,
+        num_attention_heads=4,
+        ffn_hidden_size=40,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        ultramem_num_keys=5,
+        ultramem_key_dim=6,
+        ultramem_value_dim=10,
+        ultramem_expansion=4,
+        ultramem_tucker_rank=2,
+        ultramem_num_cores=2,
+        ultramem_num_heads=2,
+        ultramem_topm=7,
+        ultramem_impl="reference",
+    )
+    fields.update(overrides)
+    return UltraMemConfig(**fields)

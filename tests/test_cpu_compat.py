@@ -1,0 +1,43 @@
+"""The CPU compatibility layer is idempotent, reversible and does what it says."""
+
+import torch
+
+from megatron_ultramem import cpu_compat
+
+
+def test_enable_is_idempotent_and_reversible(megatron_world):
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    assert cpu_compat.enable() is True  # already enabled by the fixture
+    patched = GlobalMemoryBuffer.get_tensor
+    n = len(cpu_compat._PATCHED)
+    cpu_compat.enable()
+    assert GlobalMemoryBuffer.get_tensor is patched and len(cpu_compat._PATCHED) == n
+    original = patched.__wrapped__
+    cpu_compat.disable()
+    try:
+        assert GlobalMemoryBuffer.get_tensor is original
+        assert not cpu_compat.is_enabled()
+    finally:
+        cpu_compat.enable()
+    assert GlobalMemoryBuffer.get_tensor is not original
+
+
+def test_patched_spots_work_on_cpu(megatron_world):
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    buf = parallel_state.get_global_memory_buffer().get_tensor((3, 4), torch.float32, "t")
+    assert buf.device.type == "cpu" and buf.shape == (3, 4)
+    assert torch.equal(get_default_causal_mask(3), torch.ones(3, 3).triu(1).bool())
+    # the tracked stream is its own: forking draws from it and leaves the default stream untouched
+    torch.manual_seed(7)
+    expected_default = torch.rand(3)
+    torch.manual_seed(7)
+    with get_cuda_rng_tracker().fork():
+        a = torch.rand(3)
+    assert torch.equal(torch.rand(3), expected_default)
+    with get_cuda_rng_tracker().fork():
+        b = torch.rand(3)
+    assert not torch.equal(a, b)  # the tracked state advanced
