@@ -104,8 +104,19 @@ class UltraMemConfig(TransformerConfig):
     so the table is the same on every rank whatever the parallel layout."""
 
     def __post_init__(self):
-        super().__post_init__()
+        # TransformerConfig refuses expert parallelism without MoE experts; here the memory's value
+        # table is the expert-parallel tensor, so its check is bypassed for that one field.
+        ep = self.expert_model_parallel_size
+        if ep > 1 and self.num_moe_experts is None:
+            self.expert_model_parallel_size = 1
+        try:
+            super().__post_init__()
+        finally:
+            self.expert_model_parallel_size = ep
         self.validate_ultramem()
+        # Memory layers differ from their neighbours, so layers are checkpointed one by one rather
+        # than stacked (TransformerBlock fails on mixed layers otherwise). Sic: Megatron's spelling.
+        self.hetereogenous_dist_checkpoint = True
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -156,6 +167,24 @@ class UltraMemConfig(TransformerConfig):
             raise ValueError(
                 f"ultramem_value_dim (Dv={Dv}) must be divisible by ultramem_num_cores (h={h}): "
                 f"allowed h are the divisors of {Dv}"
+            )
+        t, e = self.tensor_model_parallel_size, self.expert_model_parallel_size
+        if Dv % (t * e):
+            raise ValueError(
+                f"ultramem_value_dim (Dv={Dv}) must be divisible by tensor_model_parallel_size x "
+                f"expert_model_parallel_size = {t} x {e}: the table is column-sharded over TP x EP"
+            )
+        if (t * e) % h and h % (t * e):
+            raise ValueError(
+                f"ultramem_num_cores (h={h}) and tensor_model_parallel_size x "
+                f"expert_model_parallel_size ({t * e}) must divide one another, so that each rank's "
+                "value columns belong to whole Tucker-core slices"
+            )
+        etp = self.expert_tensor_parallel_size
+        if etp is not None and etp != t:
+            raise ValueError(
+                f"expert_tensor_parallel_size ({etp}) must equal tensor_model_parallel_size ({t}) "
+                "with UltraMem layers: the value table is split over TP x EP (leave it unset)"
             )
         n_side = self.ultramem_keys_per_side
         if self.ultramem_topm > n_side:

@@ -7,8 +7,11 @@ attribute on each patched object), and keeps each original as `__wrapped__` so `
 it. Call it before building the model.
 
 Patches (target: reason):
- 1. GlobalMemoryBuffer.get_tensor, RotaryEmbedding.__init__/get_emb:
-    they place tensors on `torch.cuda.current_device()`; run them with that returning 'cpu'.
+ 1. torch.cuda.current_device: Megatron allocates on "the current CUDA device" in ~30 places
+    (GlobalMemoryBuffer, the tensor-parallel mappings' all-gather/reduce-scatter outputs,
+    RotaryEmbedding, DDP's grad buffers, dist-checkpoint coordination tensors). On a CPU-only
+    build the call raises; returning 'cpu' makes each of them allocate on the CPU instead, which
+    is one patch instead of one per call site.
  2. transformer.utils.get_default_causal_mask (and its import in fused_softmax):
     builds the mask with device="cuda"; build it on CPU.
  3. CudaRNGStatesTracker.add/fork, model_parallel_cuda_manual_seed:
@@ -22,7 +25,6 @@ Patches (target: reason):
 """
 
 import contextlib
-import functools
 
 import torch
 
@@ -40,23 +42,8 @@ def _patch(owner, name, replacement):
     _PATCHED.append((owner, name))
 
 
-@contextlib.contextmanager
-def _cuda_device_is_cpu():
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "cpu"
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = original
-
-
-def _on_cpu(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _cuda_device_is_cpu():
-            return fn(*args, **kwargs)
-
-    return wrapper
+def _current_device_cpu():
+    return "cpu"
 
 
 def _causal_mask_cpu(sq: int) -> torch.Tensor:
@@ -109,17 +96,13 @@ def enable() -> bool:
     """Apply the patches when CUDA is absent. Returns True when the CPU layer is active."""
     if torch.cuda.is_available():
         return False
-    from megatron.core import utils as mc_utils
     from megatron.core.fusions import fused_softmax
-    from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as tr_utils
     from megatron.core.transformer.moe import moe_utils
 
     # 1
-    _patch(mc_utils.GlobalMemoryBuffer, "get_tensor", _on_cpu(mc_utils.GlobalMemoryBuffer.get_tensor))
-    _patch(rope.RotaryEmbedding, "__init__", _on_cpu(rope.RotaryEmbedding.__init__))
-    _patch(rope.RotaryEmbedding, "get_emb", _on_cpu(rope.RotaryEmbedding.get_emb))
+    _patch(torch.cuda, "current_device", _current_device_cpu)
     # 2
     _patch(tr_utils, "get_default_causal_mask", _causal_mask_cpu)
     _patch(fused_softmax, "get_default_causal_mask", _causal_mask_cpu)

@@ -9,15 +9,17 @@ goes. The two stages are public seams that the tests and the Triton kernels repl
 Config fields read: every `ultramem_*` field of UltraMemConfig, plus hidden_size, num_layers,
 params_dtype, and (through linear_out) the tensor-parallel settings.
 
-Parameters (shapes are the full logical ones; tensor parallelism is applied in `parallel.py`):
+Parameters (global shapes; `parallel.py` says how they are split over TP x EP ranks):
     query_weight  [2K, D]        replicated, tiny (like a MoE router)
     keys_row/col  [H, n', K, r]  replicated
     cores         [H, h, r, r]   replicated
-    values        [N, Dv]        the only big tensor; tagged `is_ultramem_value`
-    linear_out    [D, Dv*E]      row-parallel; its input is the pooled values laid out Dv-major
-                                 ([T, Dv, E] flattened) so that a Dv slice of the table maps to a
-                                 contiguous shard of linear_out's input dim.
+    values        [N, Dv]        the only big tensor, column-sharded; tagged `is_ultramem_value`
+    linear_out    [D, Dv*E]      column-sharded with the values; its input is the pooled values
+                                 laid out Dv-major ([T, Dv, E] flattened) so that a Dv slice of the
+                                 table maps to a contiguous shard of linear_out's input dim.
 Buffers (saved in checkpoints): permutation [E*N] (IVE's fixed pi), tucker_u/v [H, r].
+All of them are drawn from per-(layer, tensor, column) seeded streams, so every layout holds
+exactly its slice of the same global tensors.
 """
 
 import math
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from . import reference
+from . import parallel, reference
 from .config import UltraMemConfig
 
 
@@ -82,6 +84,9 @@ class UltraMemLayer(MegatronModule):
         self.n_side = c.ultramem_keys_per_side
         self.N = c.ultramem_num_values
         self.Dv = c.ultramem_value_dim
+        self.layout = parallel.memory_layout(c)
+        self.col_lo, self.col_hi = self.layout.columns(self.Dv)  # this rank's value columns
+        self.core_lo, self.core_hi = self.layout.cores(self.Dv, self.h)
         dtype = c.params_dtype
 
         self.query_weight = torch.nn.Parameter(torch.empty(2 * self.K, self.D, dtype=dtype))
@@ -93,25 +98,30 @@ class UltraMemLayer(MegatronModule):
         self.keys_row = torch.nn.Parameter(torch.empty(key_shape, dtype=dtype))
         self.keys_col = torch.nn.Parameter(torch.empty(key_shape, dtype=dtype))
         self.cores = torch.nn.Parameter(torch.empty(self.H, self.h, self.r, self.r, dtype=dtype))
-        self.values = torch.nn.Parameter(torch.empty(self.N, self.Dv, dtype=dtype))
-        self.values.is_ultramem_value = True
+        self.values = torch.nn.Parameter(
+            torch.empty(self.N, self.col_hi - self.col_lo, dtype=dtype)
+        )  # [N, Dv / (t*e)]
+        parallel.tag_value_parameter(self.values, self.layout)
 
         if submodules is None or submodules.linear_out is None:
             from megatron.core.tensor_parallel.layers import RowParallelLinear
 
             submodules = UltraMemSubmodules(linear_out=RowParallelLinear)
+        # An "expert" linear: Megatron then leaves all communication to us (parallel.combine) and
+        # tags the weight like the table. Its TP split divides the input by t; EP is folded in here.
         self.linear_out = build_module(
             submodules.linear_out,
-            self.Dv * self.E,
+            self.Dv * self.E // self.layout.ep_size,
             self.D,
             config=c,
-            init_method=lambda w: None,  # filled by reset_parameters from our own seeded stream
+            init_method=lambda w: None,  # filled by reset_parameters from our own seeded streams
             bias=False,
             input_is_parallel=True,
             skip_bias_add=True,
-            is_expert=False,
+            is_expert=True,
             tp_comm_buffer_name="ultramem_out",
         )
+        assert self.linear_out.weight.shape[1] == (self.col_hi - self.col_lo) * self.E
 
         perm = torch.randperm(self.E * self.N, generator=_generator(c.ultramem_seed, layer_index, 0))
         self.register_buffer("permutation", perm)
@@ -155,8 +165,11 @@ class UltraMemLayer(MegatronModule):
         for norm in (self.query_norm_row, self.query_norm_col, self.key_norm_row, self.key_norm_col):
             norm.weight.fill_(ln_weight)
             norm.bias.zero_()
-        self.values.copy_(normal(self.values.shape, value_std, 5))
-        self.linear_out.weight.copy_(normal(self.linear_out.weight.shape, out_std, 6))
+        # Table and Wo: one stream per global value column, so any column shard is drawn alone.
+        for j, col in enumerate(range(self.col_lo, self.col_hi)):
+            self.values[:, j].copy_(normal((self.N,), value_std, 1000 + 2 * col))
+            w = normal((D, E), out_std, 1001 + 2 * col)  # Wo's inputs for column col, all E blocks
+            self.linear_out.weight[:, j * E : (j + 1) * E].copy_(w)
         self.tucker_u.zero_()
         self.refresh_tucker_vectors()
 
@@ -218,8 +231,9 @@ class UltraMemLayer(MegatronModule):
         return virtual.reshape(T, self.H * self.m), scores.reshape(T, self.H * self.m, self.h)
 
     def pooled_values(self, virtual: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """IVE + MCS pooling: [T, H*m] indices and [T, H*m, h] scores -> [T, E, Dv]."""
+        """IVE + MCS pooling of this rank's columns: [T', H*m], [T', H*m, h] -> [T', E, Dv_local]."""
         rows, blocks = reference.virtual_to_physical(virtual, self.permutation, self.N)
+        scores = scores[..., self.core_lo : self.core_hi]  # the cores of this rank's columns
         kernels = self._backend()
         if kernels is None:
             return reference.weighted_gather_pool(rows, blocks, scores, self.values, self.E)
@@ -228,12 +242,14 @@ class UltraMemLayer(MegatronModule):
         )
 
     def aggregate(self, virtual: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Pool the selected values and project: -> [T, D]."""
-        pooled = self.pooled_values(virtual, scores)  # [T, E, Dv]
-        T = pooled.shape[0]
-        flat = pooled.transpose(1, 2).reshape(T, -1)  # [T, Dv*E], Dv-major (see module docstring)
-        out, _ = self.linear_out(flat)  # [T, D]
-        return out
+        """Pool the selected values and project: [T, H*m], [T, H*m, h] -> [T, D] ([T/t, D] with
+        sequence parallelism). Communication steps are parallel.py's."""
+        scores = parallel.share_scores(scores, self.layout)
+        virtual, scores = parallel.dispatch(virtual, scores, self.layout)  # [e*T, ...]
+        pooled = self.pooled_values(virtual, scores)  # [e*T, E, Dv_local]
+        flat = pooled.transpose(1, 2).reshape(pooled.shape[0], -1)  # [e*T, Dv_local*E], Dv-major
+        out, _ = self.linear_out(flat)  # [e*T, D], partial over TP x EP shards
+        return parallel.combine(out, self.layout)
 
     # ------------------------------------------------------------------ aux loss
     def tucker_aux_loss(self) -> torch.Tensor:
@@ -257,13 +273,39 @@ class UltraMemLayer(MegatronModule):
         # Identity in forward; in backward it injects d(aux)/d(cores), scaled like the main loss.
         return MoEAuxLossAutoScaler.apply(output, aux)
 
+    # ------------------------------------------------------------------ checkpointing
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Distributed-checkpoint view: the table and Wo as column shards of their global tensors
+        (so a checkpoint saved at one TP x EP layout loads at another), everything else replicated.
+        """
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        split = {"values": 1, "linear_out.weight": 1}  # name -> sharded axis
+        sharded = make_sharded_tensors_for_checkpoint(
+            {k: v for k, v in state.items() if k not in split}, prefix, {}, sharded_offsets
+        )
+        lay = self.layout
+        for name, axis in split.items():
+            key = f"{prefix}{name}"
+            sharded[key] = ShardedTensor.from_rank_offsets(
+                key,
+                state[name],
+                *sharded_offsets,
+                (axis + len(sharded_offsets), lay.shard, lay.num_shards),
+                replica_id=(0, 0, lay.edp_rank),  # copies differ only in expert-DP rank
+                prepend_axis_num=len(sharded_offsets),
+            )
+        return sharded
+
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> Tuple[torch.Tensor, None]:
-        """[s, b, D] -> ([s, b, D], None)."""
-        s, b, D = hidden_states.shape
-        x = hidden_states.reshape(s * b, D)  # [T, D]
-        virtual, scores = self.retrieve(x)
-        out = self.aggregate(virtual, scores).view(s, b, -1)  # [s, b, D]
+        """[s, b, D] -> ([s, b, D], None); [s/t, b, D] in and out with sequence parallelism."""
+        x = parallel.gather_input(hidden_states, self.layout)  # [s, b, D]
+        s, b, D = x.shape
+        virtual, scores = self.retrieve(x.reshape(s * b, D))  # replicated on every TP rank
+        out = self.aggregate(virtual, scores).view(-1, b, D)  # [s (or s/t), b, D]
         if self.training and self.config.ultramem_aux_loss_alpha > 0 and torch.is_grad_enabled():
             out = self._attach_aux_loss(out)
         return out, None

@@ -33,6 +33,9 @@ from helpers import small_config
         (dict(ultramem_layers="__import__('os')"), r"is not a layer pattern"),
         (dict(ultramem_layers=0), r"ultramem_layers as an int must be >= 1"),
         (dict(ultramem_layers="[0]*3"), r"selects no layer"),
+        (dict(tensor_model_parallel_size=4), r"ultramem_value_dim \(Dv=10\) must be divisible by tensor_model_parallel_size x expert_model_parallel_size = 4 x 1"),
+        (dict(tensor_model_parallel_size=3, num_attention_heads=3, ultramem_value_dim=12), r"ultramem_num_cores \(h=2\) and tensor_model_parallel_size x expert_model_parallel_size \(3\) must divide one another"),
+        (dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1), r"expert_tensor_parallel_size \(1\) must equal tensor_model_parallel_size \(2\)"),
     ],
 )
 def test_bad_values_are_refused_with_named_field(overrides, pattern):

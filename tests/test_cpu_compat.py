@@ -6,21 +6,22 @@ from megatron_ultramem import cpu_compat
 
 
 def test_enable_is_idempotent_and_reversible(megatron_world):
-    from megatron.core.utils import GlobalMemoryBuffer
+    from megatron.core.tensor_parallel import random as tp_random
 
     assert cpu_compat.enable() is True  # already enabled by the fixture
-    patched = GlobalMemoryBuffer.get_tensor
+    patched = tp_random.CudaRNGStatesTracker.fork
     n = len(cpu_compat._PATCHED)
     cpu_compat.enable()
-    assert GlobalMemoryBuffer.get_tensor is patched and len(cpu_compat._PATCHED) == n
+    assert tp_random.CudaRNGStatesTracker.fork is patched and len(cpu_compat._PATCHED) == n
     original = patched.__wrapped__
     cpu_compat.disable()
     try:
-        assert GlobalMemoryBuffer.get_tensor is original
+        assert tp_random.CudaRNGStatesTracker.fork is original
         assert not cpu_compat.is_enabled()
     finally:
         cpu_compat.enable()
-    assert GlobalMemoryBuffer.get_tensor is not original
+    assert tp_random.CudaRNGStatesTracker.fork is not original
+    assert torch.cuda.current_device() == "cpu"
 
 
 def test_patched_spots_work_on_cpu(megatron_world):

@@ -1,0 +1,327 @@
+"""Multi-rank checks of the TP x EP partitioning, run under torchrun (gloo, CPU).
+
+    torchrun --nproc_per_node 2 tests/distributed/worker.py layouts2
+    torchrun --nproc_per_node 4 tests/distributed/worker.py layouts4
+    torchrun --nproc_per_node 4 tests/distributed/worker.py checkpoint
+    torchrun --nproc_per_node 2 tests/distributed/worker.py train2
+
+Each scenario builds the single-rank layer (TP=1, EP=1) on the global batch first and compares every
+rank's slice of the parallel run against it. Layout checks run in float64 so that no top-m tie flips
+between layouts; their tolerance (1e-10 relative) only absorbs the different summation order of the
+reductions. Exits non-zero with the first mismatch.
+"""
+
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+from megatron.core import parallel_state as ps  # noqa: E402
+
+from megatron_ultramem import cpu_compat  # noqa: E402
+from megatron_ultramem.layer import UltraMemLayer  # noqa: E402
+
+from helpers import small_config  # noqa: E402
+
+RTOL, ATOL = 1e-10, 1e-12
+
+
+def log(*a):
+    if torch.distributed.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def setup(tp=1, ep=1):
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    model_parallel_cuda_manual_seed(1234)
+
+
+def layer_config(tp=1, ep=1, sp=False, **kw):
+    kw.setdefault("ultramem_value_dim", 12)  # divisible by t*e up to 4, h=2
+    return small_config(
+        torch.float64, tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+        sequence_parallel=sp, **kw,
+    )
+
+
+def inputs(s=6, b=4, D=24):
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(s, b, D, generator=g, dtype=torch.float64)
+    weight = torch.randn(s, b, D, generator=g, dtype=torch.float64)  # loss = sum(out * weight)
+    return x, weight
+
+
+def run(layer, x, weight):
+    x = x.clone().requires_grad_(True)
+    out, _ = layer(x)
+    (out * weight).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+class CommCounter:
+    """Counts the bytes of every collective buffer (the gathered / unreduced side) while active."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        from megatron.core.tensor_parallel import mappings
+
+        self.targets = [
+            (dist, "all_reduce", lambda t, *a, **k: t),
+            (dist, "all_gather_into_tensor", lambda out, inp, *a, **k: out),
+            (dist, "reduce_scatter_tensor", lambda out, inp, *a, **k: inp),
+            (mappings, "dist_all_gather_func", lambda out, inp, *a, **k: out),
+            (mappings, "dist_reduce_scatter_func", lambda out, inp, *a, **k: inp),
+        ]
+        self.bytes = 0
+
+    def __enter__(self):
+        self.saved = []
+        for owner, name, pick in self.targets:
+            orig = getattr(owner, name)
+            self.saved.append((owner, name, orig))
+
+            def wrapped(*a, _orig=orig, _pick=pick, **k):
+                t = _pick(*a, **k)
+                self.bytes += t.numel() * t.element_size()
+                return _orig(*a, **k)
+
+            setattr(owner, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, orig in self.saved:
+            setattr(owner, name, orig)
+
+
+def expected_comm_bytes(tp, ep, sp, T, D, M, h, b=8):
+    """Bytes of collective buffers for one forward + backward on T local tokens (parallel.py)."""
+    total = 0
+    if tp > 1:
+        total += M * h * b * T  # backward all-reduce of score grads (before the EP dispatch)
+        total += 2 * D * b * T if sp else D * b * T  # SP: reduce-scatter + all-gather; else all-reduce
+        total += D * b * T if sp else 0  # SP: all-gather of the input
+    if ep > 1:
+        total += ep * T * M * 8  # all-gather of indices
+        total += 2 * ep * T * M * h * b  # scores: all-gather, backward reduce-scatter
+        total += 2 * ep * T * D * b  # outputs: reduce-scatter, backward all-gather
+    return total
+
+
+def close(name, got, want):
+    if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+        err = (got - want).abs().max().item()
+        raise AssertionError(f"rank {torch.distributed.get_rank()}: {name} differs (max abs err {err:.3e})")
+
+
+def check_layout(tp, ep, sp=False):
+    """Forward output, input grad and every parameter grad of one layout vs the single-rank layer."""
+    name = f"TP={tp} EP={ep}{' SP' if sp else ''}"
+    x, weight = inputs()
+    setup(1, 1)
+    ref = UltraMemLayer(layer_config(), layer_index=3)
+    ref.eval()
+    ref_out, ref_dx, ref_grads = run(ref, x, weight)
+
+    setup(tp, ep)
+    layer = UltraMemLayer(layer_config(tp, ep, sp), layer_index=3)
+    layer.eval()
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    # data parallel ranks (EP ranks among them) take different micro-batch columns
+    b_sl = slice(dp_rank * x.shape[1] // dp_size, (dp_rank + 1) * x.shape[1] // dp_size)
+    xs, ws, out_ref, dx_ref = x[:, b_sl], weight[:, b_sl], ref_out[:, b_sl], ref_dx[:, b_sl]
+    if sp:  # sequence parallel: TP ranks take different sequence chunks
+        s_sl = slice(tp_rank * x.shape[0] // tp, (tp_rank + 1) * x.shape[0] // tp)
+        xs, ws, out_ref, dx_ref = xs[s_sl], ws[s_sl], out_ref[s_sl], dx_ref[s_sl]
+    with CommCounter() as comm:
+        out, dx, grads = run(layer, xs, ws)
+    T = xs.shape[0] * xs.shape[1] * (tp if sp else 1)  # tokens whose memory output this rank owns
+    want_bytes = expected_comm_bytes(tp, ep, sp, T, 24, layer.H * layer.m, layer.h)
+    if comm.bytes != want_bytes:
+        raise AssertionError(f"{name}: {comm.bytes} bytes of collectives, formula says {want_bytes}")
+    close(f"{name} output", out, out_ref)
+    close(f"{name} input grad", dx, dx_ref)
+
+    c0, c1 = layer.col_lo, layer.col_hi
+    E = layer.E
+    for pname, g in grads.items():
+        want = ref_grads[pname]
+        if pname == "values":
+            want = want[:, c0:c1]
+        elif pname == "linear_out.weight":
+            want = want[:, c0 * E : c1 * E]
+        else:
+            # replicated params: each data-parallel rank holds the gradient of its own tokens;
+            # DDP's all-reduce over the DP group sums them.
+            g = g.clone()
+            torch.distributed.all_reduce(g, group=ps.get_data_parallel_group())
+        if pname in ("values", "linear_out.weight") and dp_size > 1 and ep == 1:
+            g = g.clone()
+            torch.distributed.all_reduce(g, group=ps.get_data_parallel_group())
+        close(f"{name} grad {pname}", g, want)
+    # the shard is a slice of the same global tensors
+    close(f"{name} values init", layer.values.detach(), ref.values.detach()[:, c0:c1])
+    log(
+        f"ok {name}: output, input grad and {len(grads)} parameter grads match the single-rank layer; "
+        f"collectives {comm.bytes / T:.0f} B/token (fp64, D=24, H*m={layer.H * layer.m}, h={layer.h})"
+    )
+
+
+def scenario_layouts2():
+    check_layout(2, 1)
+    check_layout(1, 2)
+    check_layout(2, 1, sp=True)
+
+
+def scenario_layouts4():
+    check_layout(2, 2)
+    check_layout(2, 2, sp=True)
+    check_layout(1, 4)
+
+
+def scenario_checkpoint():
+    """Save at one (TP, EP) layout, load at another: identical outputs."""
+    from megatron.core import dist_checkpointing
+
+    x, _ = inputs()
+    root = tempfile.mkdtemp() if torch.distributed.get_rank() == 0 else None
+    holder = [root]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    root = holder[0]
+    for src, dst in (((2, 2), (1, 1)), ((1, 1), (2, 2)), ((2, 1), (1, 2))):
+        path = os.path.join(root, f"{src}_{dst}")
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(path)
+        torch.distributed.barrier()
+        setup(*src)
+        saved = UltraMemLayer(layer_config(*src, ultramem_seed=11), layer_index=0)
+        with torch.no_grad():  # train-like drift so the checkpoint is not just the seeded init
+            saved.values.add_(0.1)
+            saved.cores.mul_(1.5)
+            saved.refresh_tucker_vectors()
+        dist_checkpointing.save(saved.sharded_state_dict(prefix="mem."), path)
+        torch.distributed.barrier()
+        setup(1, 1)
+        want = UltraMemLayer(layer_config(ultramem_seed=11), layer_index=0)
+        with torch.no_grad():
+            want.values.add_(0.1)
+            want.cores.mul_(1.5)
+            want.refresh_tucker_vectors()
+        want.eval()
+        want_out = want(x)[0]
+
+        setup(*dst)
+        loaded = UltraMemLayer(layer_config(*dst, ultramem_seed=99), layer_index=0)  # other weights
+        state = dist_checkpointing.load(loaded.sharded_state_dict(prefix="mem."), path)
+        loaded.load_state_dict({k[len("mem."):]: v for k, v in state.items()})
+        loaded.eval()
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        b_sl = slice(dp_rank * x.shape[1] // dp_size, (dp_rank + 1) * x.shape[1] // dp_size)
+        out = loaded(x[:, b_sl])[0]
+        close(f"checkpoint {src}->{dst} output", out, want_out[:, b_sl])
+        assert torch.equal(loaded.permutation, want.permutation)
+        log(f"ok checkpoint saved at (TP, EP)={src} loads at {dst} with identical outputs")
+
+
+def scenario_train2():
+    """A GPTModel with UltraMem trains through Megatron's DDP at TP=2 and at EP=2 with the same
+    losses as the single-rank model (the TP=1 weights are loaded into each layout through a
+    distributed checkpoint)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_ultramem.specs import get_ultramem_decoder_block_spec
+
+    vocab, seq, batch, steps = 40, 8, 4, 3
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, vocab, (batch, seq + 1), generator=g) for _ in range(steps)]
+    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
+    pos = torch.arange(seq).unsqueeze(0)
+
+    def build(tp, ep):
+        cfg = small_config(
+            num_layers=2, ultramem_mode="parallel", ultramem_layers="[0,1]", ultramem_value_dim=12,
+            tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+        )
+        spec = get_ultramem_decoder_block_spec(cfg, use_transformer_engine=False)
+        torch.manual_seed(0)
+        model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq)
+        # float64: Adam divides by sqrt(v), which turns rounding-level gradient differences of
+        # near-zero gradients into visible update differences in fp32 after a couple of steps.
+        return cfg, model.double()
+
+    def train(model, params, rows):
+        opt = torch.optim.Adam(params, lr=1e-2)
+        losses = []
+        for tokens in data:
+            t = tokens[rows]
+            loss = model(t[:, :-1], pos.expand(t.shape[0], seq), mask, labels=t[:, 1:]).mean()
+            yield_loss = loss.detach().clone()
+            if isinstance(model, DistributedDataParallel):
+                model.zero_grad_buffer()
+                opt.zero_grad(set_to_none=True)  # autograd must not accumulate onto last step's copy
+                loss.backward()
+                model.finish_grad_sync()  # DP all-reduce / expert-DP all-reduce of main_grad
+                for p in params:
+                    p.grad = p.main_grad.clone()
+                # mean over data-parallel ranks = the global batch's loss
+                torch.distributed.all_reduce(yield_loss, group=ps.get_data_parallel_group())
+                yield_loss /= ps.get_data_parallel_world_size()
+            else:
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+            losses.append(yield_loss.item())
+        return losses
+
+    root = [tempfile.mkdtemp() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(root, src=0)
+    setup(1, 1)
+    _, ref = build(1, 1)
+    path = os.path.join(root[0], "gpt_tp1")
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(path)
+    torch.distributed.barrier()
+    dist_checkpointing.save(ref.sharded_state_dict(), path)
+    ref_losses = train(ref, list(ref.parameters()), slice(None))
+    for tp, ep in ((2, 1), (1, 2)):
+        setup(tp, ep)
+        cfg, model = build(tp, ep)
+        state = dist_checkpointing.load(model.sharded_state_dict(), path)
+        model.load_state_dict(state)
+        ddp = DistributedDataParallel(
+            cfg, DistributedDataParallelConfig(average_in_collective=True), model
+        )
+        values = [p for p in model.parameters() if getattr(p, "is_ultramem_value", False)]
+        assert values and all(p.allreduce == (ep == 1) for p in values)
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        rows = slice(dp_rank * batch // dp_size, (dp_rank + 1) * batch // dp_size)
+        losses = train(ddp, list(model.parameters()), rows)
+        # Parameters and gradients are float64, but Megatron's cross entropy returns fp32 losses,
+        # and with DP the global loss is a mean of per-rank fp32 means: fp32 rounding, 1e-6.
+        for a, b in zip(losses, ref_losses):
+            if abs(a - b) > 1e-6 * abs(b):
+                raise AssertionError(f"TP={tp} EP={ep} losses {losses} vs single rank {ref_losses}")
+        log(f"ok GPT + Megatron DDP at TP={tp} EP={ep}: losses {[round(l, 6) for l in losses]} == single rank")
+
+
+def main():
+    cpu_compat.enable()
+    torch.distributed.init_process_group("gloo")
+    scenario = sys.argv[1]
+    globals()[f"scenario_{scenario}"]()
+    torch.distributed.barrier()
+    log(f"PASSED {scenario}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
