@@ -1,0 +1,530 @@
+"""Weighted gather with implicit value expansion (IVE) and multi-core (MCS) pooling.
+
+Math (oracle: `reference.weighted_gather_pool`):
+    pooled[t, p, c] = sum_{k : blocks[t,k] = p} scores[t, k, core(c)] * values[rows[t,k], c]
+with core(c) = c // (Dv / h). rows, blocks: [T, M]; scores: [T, M, h]; values: [N, Dv];
+pooled: [T, E, Dv].
+
+Design trade-off.
+- Forward: one program per (token, Dv-block). It walks the token's M selections, reads each selected
+  row slice once (UNROLL independent row loads in flight per iteration, so the loop is not
+  latency-bound) and adds the score-weighted row into an fp32 [E_PAD, BLOCK_D] register tile with a
+  one-hot FMA (E is a constexpr). The output is written once. Bytes are at the floor (rows read once,
+  output written once); the price is E_PAD FMAs per loaded element. Estimate, not yet measured: with
+  ~E_PAD + 4 instructions per 2-byte bf16 element against an H200 ridge of ~8 per byte, E <= 4 stays
+  memory-bound and E = 16 turns ALU-bound (a variant that sorts each token's selections by block
+  would remove the E factor at the cost of that sort). benchmarks/gpu_check.py measures it.
+- Backward, grad_scores: one program per tile of BLOCK_K flattened selections; it loops over Dv,
+  gathering the value rows and the matching grad_pooled rows and reducing their product per core.
+- Backward, grad_values: default = the same program atomically adds score * grad_pooled rows into an
+  fp32 table buffer (one pass, order-dependent rounding). `deterministic=True`: the (row, token, k)
+  triples are sorted by row (stable, so ties keep selection order); the program at the start of each
+  run of equal rows owns that row and sums its run in order, then does a plain read-modify-write.
+  No atomics, bitwise-reproducible, at the cost of a sort and a [T*M, Dv/BLOCK_D] grid in which
+  non-start programs exit after one load.
+- Megatron gradient-accumulation fusion: with `accumulate_into_main_grad=True` and a `main_grad`
+  attribute on `values`, grad_values goes straight into `values.main_grad` (fp32), so the dense
+  [N, Dv] gradient is never materialized.
+
+Accumulation is fp32 (fp64 for fp64 tables), like the reference. The ops are registered as opaque
+`torch.library.custom_op`s (TRITON_NOTES: `triton_op` breaks torch.compile under the interpreter),
+with `register_fake` and `register_autograd`, so torch.compile traces around them.
+"""
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .. import reference
+from ..reference import _accum_dtype  # fp64 for fp64 inputs, else fp32: the reference's rule
+
+try:  # optional dependency: the pure-torch reference is the fallback
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+__all__ = ["gather_pool", "HAVE_TRITON"]
+
+_NAMESPACE = "megatron_ultramem"
+# Test-only debug switch: outputs are pre-filled with NaN (integer outputs with -1) so an element the
+# kernel forgot to write shows up in every comparison. Read per call so tests can monkeypatch it.
+_POISON_ENV = "ULTRAMEM_POISON_OUTPUTS"
+
+
+def _interpreting() -> bool:
+    """Whether this module's kernels were built for the Triton interpreter.
+
+    `@triton.jit` reads TRITON_INTERPRET when the kernel is defined (at import), so the kernel
+    objects, not the current environment, say how they run.
+    """
+    return HAVE_TRITON and type(_gather_pool_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or on CPU tensors when the kernels are interpreted."""
+    return HAVE_TRITON and (t.is_cuda or (t.device.type == "cpu" and _interpreting()))
+
+
+def empty_output(*shape, dtype, device) -> torch.Tensor:
+    """torch.empty, or a poisoned tensor (NaN / -1) when the debug switch is on."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if os.environ.get(_POISON_ENV, "0") not in ("", "0"):
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _block_d(Dv: int, cap: int) -> int:
+    # >= 16 so a warp's vector loads stay wide; capped so the [E_PAD, BLOCK_D] tile fits registers.
+    return max(16, min(_next_pow2(Dv), cap))
+
+
+if HAVE_TRITON:
+    _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+    @triton.jit
+    def _cast_for_store(x, ptr, RNE_BY_HAND: tl.constexpr):
+        """x cast to ptr's element type, rounding to nearest even.
+
+        GPUs round fp32 -> bf16 casts to nearest even; the Triton interpreter (3.9) truncates, which
+        doubles the rounding error that the CPU tests measure. Under the interpreter (RNE_BY_HAND)
+        bf16 is rounded with the usual integer trick instead (finite values; NaN stays NaN).
+        """
+        if RNE_BY_HAND and ptr.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(ptr.dtype.element_ty)
+
+    @triton.jit
+    def _gather_pool_fwd_kernel(
+        rows_ptr,  # [T, M] int64
+        blocks_ptr,  # [T, M] int64
+        scores_ptr,  # [T, M, H_CORES]
+        values_ptr,  # [N, Dv]
+        out_ptr,  # [T, E, Dv]
+        M,
+        Dv,
+        DH,  # columns per core slice, Dv // H_CORES
+        E: tl.constexpr,
+        E_PAD: tl.constexpr,
+        H_CORES: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UNROLL: tl.constexpr,
+        ACC: tl.constexpr,
+        RNE_BY_HAND: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        mask_d = offs_d < Dv
+        core_d = offs_d // DH  # MCS slice of each column
+        e_idx = tl.arange(0, E_PAD)
+        acc = tl.zeros((E_PAD, BLOCK_D), dtype=ACC)
+        first = t * M
+        for k0 in range(0, M, UNROLL):
+            # Unrolled so UNROLL row loads are independent and in flight together.
+            for u in tl.static_range(UNROLL):
+                k = k0 + u
+                valid = k < M
+                # Column limit 0 past the last selection: the scalar condition folded into the
+                # vector mask (a `vector & scalar-bool` mask breaks the interpreter).
+                d_lim = tl.where(valid, Dv, 0)
+                sel = first + k
+                row = tl.load(rows_ptr + sel, mask=valid, other=0)
+                blk = tl.load(blocks_ptr + sel, mask=valid, other=0)
+                v = tl.load(values_ptr + row * Dv + offs_d, mask=offs_d < d_lim, other=0.0).to(ACC)
+                # Per-column score: the score of the core slice the column belongs to.
+                s0 = tl.load(scores_ptr + sel * H_CORES, mask=valid, other=0.0).to(ACC)
+                s_col = tl.zeros((BLOCK_D,), dtype=ACC) + s0
+                for i in tl.static_range(1, H_CORES):
+                    s_i = tl.load(scores_ptr + sel * H_CORES + i, mask=valid, other=0.0).to(ACC)
+                    s_col = tl.where(core_d == i, s_i, s_col)
+                # One-hot FMA into the selection's virtual block (E_PAD x BLOCK_D, no reductions).
+                hit = (e_idx == blk).to(ACC)  # [E_PAD]
+                acc += hit[:, None] * (s_col * v)[None, :]
+        out_offs = (t * E + e_idx[:, None]) * Dv + offs_d[None, :]  # [E_PAD, BLOCK_D]
+        out_mask = (e_idx[:, None] < E) & mask_d[None, :]
+        tl.store(out_ptr + out_offs, _cast_for_store(acc, out_ptr, RNE_BY_HAND), mask=out_mask)
+
+    @triton.jit
+    def _gather_pool_bwd_kernel(
+        grad_ptr,  # [T, E, Dv] grad of pooled
+        rows_ptr,  # [T*M] int64
+        blocks_ptr,  # [T*M] int64
+        scores_ptr,  # [T*M, H_CORES]
+        values_ptr,  # [N, Dv]
+        gscores_ptr,  # [T*M, H_CORES] out (if NEED_GS)
+        gvalues_ptr,  # [N, Dv] accumulation buffer (if ATOMIC_DV)
+        TM,
+        M,
+        Dv,
+        DH,
+        E: tl.constexpr,
+        H_CORES: tl.constexpr,
+        H_PAD: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ACC: tl.constexpr,
+        NEED_GS: tl.constexpr,
+        ATOMIC_DV: tl.constexpr,
+        RNE_BY_HAND: tl.constexpr,
+    ):
+        # Flattened selections j = t * M + k; a tile may span two tokens, each j knows its own t.
+        offs_j = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        mask_j = offs_j < TM
+        t = offs_j // M
+        row = tl.load(rows_ptr + offs_j, mask=mask_j, other=0)
+        blk = tl.load(blocks_ptr + offs_j, mask=mask_j, other=0)
+        g_base = (t * E + blk) * Dv  # start of grad_pooled[t, blocks[t,k]]
+        v_base = row * Dv  # start of values[rows[t,k]]
+        h_idx = tl.arange(0, H_PAD)
+        gs = tl.zeros((BLOCK_K, H_PAD), dtype=ACC)
+        for d0 in range(0, Dv, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < Dv
+            core_d = offs_d // DH
+            m2 = mask_j[:, None] & mask_d[None, :]
+            g = tl.load(grad_ptr + g_base[:, None] + offs_d[None, :], mask=m2, other=0.0).to(ACC)
+            if NEED_GS:
+                v = tl.load(values_ptr + v_base[:, None] + offs_d[None, :], mask=m2, other=0.0)
+                prod = g * v.to(ACC)  # [BLOCK_K, BLOCK_D]
+                for i in tl.static_range(H_CORES):
+                    part = tl.sum(tl.where(core_d[None, :] == i, prod, 0.0), axis=1)  # [BLOCK_K]
+                    gs = tl.where(h_idx[None, :] == i, gs + part[:, None], gs)
+            if ATOMIC_DV:
+                s0 = tl.load(scores_ptr + offs_j * H_CORES, mask=mask_j, other=0.0).to(ACC)
+                s_col = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC) + s0[:, None]  # core-0 score
+                for i in tl.static_range(1, H_CORES):
+                    s_i = tl.load(scores_ptr + offs_j * H_CORES + i, mask=mask_j, other=0.0)
+                    s_col = tl.where(core_d[None, :] == i, s_i.to(ACC)[:, None], s_col)
+                # relaxed: only the final sum matters, no ordering with other memory operations.
+                tl.atomic_add(
+                    gvalues_ptr + v_base[:, None] + offs_d[None, :],
+                    s_col * g,
+                    mask=m2,
+                    sem="relaxed",
+                )
+        if NEED_GS:
+            gs_offs = offs_j[:, None] * H_CORES + h_idx[None, :]
+            gs_mask = mask_j[:, None] & (h_idx[None, :] < H_CORES)
+            tl.store(
+                gscores_ptr + gs_offs, _cast_for_store(gs, gscores_ptr, RNE_BY_HAND), mask=gs_mask
+            )
+
+    @triton.jit
+    def _scatter_sorted_kernel(
+        grad_ptr,  # [T, E, Dv] grad of pooled
+        order_ptr,  # [T*M] int64: flat selection index, sorted by row (stable)
+        sorted_rows_ptr,  # [T*M] int64
+        run_end_ptr,  # [T*M] int32: end of the run of equal rows for run starts, else own index
+        blocks_ptr,  # [T*M] int64
+        scores_ptr,  # [T*M, H_CORES]
+        gvalues_ptr,  # [N, Dv] fp32/fp64, read-modify-written by the row's owner only
+        M,
+        Dv,
+        DH,
+        E: tl.constexpr,
+        H_CORES: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UNROLL: tl.constexpr,
+        ACC: tl.constexpr,
+    ):
+        j = tl.program_id(0)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        core_d = offs_d // DH
+        end = tl.load(run_end_ptr + j)  # == j (empty loop, masked store) unless j starts a run
+        acc = tl.zeros((BLOCK_D,), dtype=ACC)
+        for jj0 in range(j, end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                jj = jj0 + u
+                valid = jj < end
+                d_lim = tl.where(valid, Dv, 0)  # see the forward kernel
+                src = tl.load(order_ptr + jj, mask=valid, other=0)  # = t * M + k
+                blk = tl.load(blocks_ptr + src, mask=valid, other=0)
+                g = tl.load(
+                    grad_ptr + ((src // M) * E + blk) * Dv + offs_d, mask=offs_d < d_lim, other=0.0
+                ).to(ACC)
+                s0 = tl.load(scores_ptr + src * H_CORES, mask=valid, other=0.0).to(ACC)
+                s_col = tl.zeros((BLOCK_D,), dtype=ACC) + s0
+                for i in tl.static_range(1, H_CORES):
+                    s_i = tl.load(scores_ptr + src * H_CORES + i, mask=valid, other=0.0).to(ACC)
+                    s_col = tl.where(core_d == i, s_i, s_col)
+                acc += s_col * g  # fixed order within the run: bitwise reproducible
+        row = tl.load(sorted_rows_ptr + j)
+        ptrs = gvalues_ptr + row * Dv + offs_d
+        own = offs_d < tl.where(end > j, Dv, 0)
+        old = tl.load(ptrs, mask=own, other=0.0)
+        tl.store(ptrs, old + acc.to(gvalues_ptr.dtype.element_ty), mask=own)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _check_inputs(rows, blocks, scores, values) -> Tuple[int, int, int, int, int]:
+    T, M = rows.shape
+    N, Dv = values.shape
+    h = scores.shape[-1]
+    shapes = (rows.shape, blocks.shape, scores.shape)
+    assert blocks.shape == (T, M) and scores.shape == (T, M, h), f"rows/blocks/scores: {shapes}"
+    assert Dv % h == 0, f"Dv={Dv} must be divisible by the number of cores h={h}"
+    assert rows.dtype == torch.int64 and blocks.dtype == torch.int64
+    return T, M, N, Dv, h
+
+
+def gather_pool_forward(
+    rows: torch.Tensor,
+    blocks: torch.Tensor,
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    E: int,
+    block_d: Optional[int] = None,
+    unroll: int = 4,
+) -> torch.Tensor:
+    """Launch the forward kernel: -> [T, E, Dv] in values.dtype. No autograd."""
+    T, M, N, Dv, h = _check_inputs(rows, blocks, scores, values)
+    assert 1 <= E <= 64, f"E={E}: the [E, BLOCK_D] accumulator tile lives in registers"
+    rows, blocks, scores, values = (x.contiguous() for x in (rows, blocks, scores, values))
+    out = empty_output(T, E, Dv, dtype=values.dtype, device=values.device)
+    if T == 0 or Dv == 0:
+        return out.zero_()
+    e_pad = _next_pow2(E)
+    # Keep the fp32 tile at <= 4096 elements per program (E_PAD * BLOCK_D).
+    bd = block_d or _block_d(Dv, max(16, min(256, 4096 // e_pad)))
+    grid = (T, triton.cdiv(Dv, bd))
+    _gather_pool_fwd_kernel[grid](
+        rows, blocks, scores, values, out, M, Dv, Dv // h,
+        E=E, E_PAD=e_pad, H_CORES=h, BLOCK_D=bd, UNROLL=unroll,
+        ACC=_TL_ACC[_accum_dtype(values.dtype)], RNE_BY_HAND=_interpreting(),
+        num_warps=4 if e_pad * bd >= 2048 else 2,
+    )  # fmt: skip
+    return out
+
+
+def gather_pool_backward(
+    grad_pooled: torch.Tensor,
+    rows: torch.Tensor,
+    blocks: torch.Tensor,
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    need_scores: bool = True,
+    need_values: bool = True,
+    deterministic: bool = False,
+    values_grad_out: Optional[torch.Tensor] = None,
+    block_k: int = 16,
+    block_d: Optional[int] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Launch the backward kernels. No autograd.
+
+    Returns (grad_scores [T, M, h] in scores.dtype or None, grad_values buffer or None). The values
+    gradient is accumulated into `values_grad_out` when given (an fp32/fp64 [N, Dv] tensor, e.g.
+    Megatron's main_grad; it is added to, not overwritten), else into a fresh zeroed buffer in the
+    accumulation dtype that is returned.
+    """
+    T, M, N, Dv, h = _check_inputs(rows, blocks, scores, values)
+    E = grad_pooled.shape[1]
+    assert grad_pooled.shape == (T, E, Dv), (grad_pooled.shape, (T, E, Dv))
+    TM = T * M
+    assert TM < 2**31, "flattened selection index is int32 in the deterministic path"
+    grad_pooled, rows, blocks, scores, values = (
+        x.contiguous() for x in (grad_pooled, rows, blocks, scores, values)
+    )
+    acc = _accum_dtype(values.dtype)
+    gscores = (
+        empty_output(T, M, h, dtype=scores.dtype, device=scores.device) if need_scores else None
+    )
+    gvalues = None
+    if need_values:
+        if values_grad_out is not None:
+            assert values_grad_out.shape == (N, Dv) and values_grad_out.is_contiguous()
+            assert values_grad_out.dtype in (torch.float32, torch.float64)
+            gvalues = values_grad_out
+        else:
+            gvalues = torch.zeros(N, Dv, dtype=acc, device=values.device)
+    if TM == 0 or Dv == 0:
+        if gscores is not None:
+            gscores.zero_()
+        return gscores, gvalues
+    atomic_dv = need_values and not deterministic
+    tl_acc = _TL_ACC[acc]
+    if need_scores or atomic_dv:
+        bd = block_d or _block_d(Dv, 128)
+        _gather_pool_bwd_kernel[(triton.cdiv(TM, block_k),)](
+            grad_pooled, rows, blocks, scores, values,
+            gscores if need_scores else grad_pooled,  # dummy pointer when unused
+            gvalues if atomic_dv else grad_pooled,
+            TM, M, Dv, Dv // h,
+            E=E, H_CORES=h, H_PAD=_next_pow2(h), BLOCK_K=block_k, BLOCK_D=bd, ACC=tl_acc,
+            NEED_GS=need_scores, ATOMIC_DV=atomic_dv, RNE_BY_HAND=_interpreting(),
+            num_warps=8,  # [16, 128] tiles of 64-bit pointers: 4 warps ran at 168 regs (ptxas, sm_90)
+        )  # fmt: skip
+    if need_values and deterministic:
+        flat_rows = rows.reshape(TM)
+        # Stable sort: equal rows keep selection order, so each run is summed in a fixed order.
+        sorted_rows, order = torch.sort(flat_rows, stable=True)
+        idx = torch.arange(TM, device=rows.device)
+        run_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)  # end of each run
+        is_start = torch.ones(TM, dtype=torch.bool, device=rows.device)
+        is_start[1:] = sorted_rows[1:] != sorted_rows[:-1]
+        run_end = torch.where(is_start, run_end, idx).to(torch.int32)  # no host sync
+        bd = block_d or _block_d(Dv, 256)
+        _scatter_sorted_kernel[(TM, triton.cdiv(Dv, bd))](
+            grad_pooled, order, sorted_rows, run_end, blocks, scores, gvalues, M, Dv, Dv // h,
+            E=E, H_CORES=h, BLOCK_D=bd, UNROLL=4, ACC=tl_acc, num_warps=2 if bd >= 256 else 1,
+        )  # fmt: skip
+    return gscores, gvalues
+
+
+# ----------------------------------------------------------------------------- custom ops
+if HAVE_TRITON:
+
+    @torch.library.custom_op(f"{_NAMESPACE}::gather_pool", mutates_args=())
+    def _gather_pool_op(
+        rows: torch.Tensor,
+        blocks: torch.Tensor,
+        scores: torch.Tensor,
+        values: torch.Tensor,
+        E: int,
+        deterministic: bool,
+        accumulate_into_main_grad: bool,
+    ) -> torch.Tensor:
+        # deterministic / accumulate_into_main_grad only shape the backward; they are op arguments
+        # so that setup_context sees them.
+        return gather_pool_forward(rows, blocks, scores, values, E)
+
+    @_gather_pool_op.register_fake
+    def _(rows, blocks, scores, values, E, deterministic, accumulate_into_main_grad):
+        return values.new_empty(rows.shape[0], E, values.shape[1])
+
+    @torch.library.custom_op(f"{_NAMESPACE}::gather_pool_backward", mutates_args=())
+    def _gather_pool_bwd_op(
+        grad_pooled: torch.Tensor,
+        rows: torch.Tensor,
+        blocks: torch.Tensor,
+        scores: torch.Tensor,
+        values: torch.Tensor,
+        deterministic: bool,
+        need_scores: bool,
+        need_values: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        gs, gv = gather_pool_backward(
+            grad_pooled, rows, blocks, scores, values, need_scores, need_values, deterministic
+        )
+        # Custom ops return tensors: an empty tensor stands for "no gradient".
+        gs = gs if need_scores else scores.new_empty(0)
+        gv = gv.to(values.dtype) if need_values else values.new_empty(0)
+        return gs, gv
+
+    @_gather_pool_bwd_op.register_fake
+    def _(grad_pooled, rows, blocks, scores, values, deterministic, need_scores, need_values):
+        gs = torch.empty_like(scores) if need_scores else scores.new_empty(0)
+        gv = torch.empty_like(values) if need_values else values.new_empty(0)
+        return gs, gv
+
+    @torch.library.custom_op(
+        f"{_NAMESPACE}::gather_pool_backward_main_grad", mutates_args=("main_grad",)
+    )
+    def _gather_pool_bwd_main_grad_op(
+        grad_pooled: torch.Tensor,
+        rows: torch.Tensor,
+        blocks: torch.Tensor,
+        scores: torch.Tensor,
+        values: torch.Tensor,
+        main_grad: torch.Tensor,
+        deterministic: bool,
+        need_scores: bool,
+    ) -> torch.Tensor:
+        gs, _ = gather_pool_backward(
+            grad_pooled, rows, blocks, scores, values, need_scores, True, deterministic,
+            values_grad_out=main_grad,
+        )  # fmt: skip
+        return gs if need_scores else scores.new_empty(0)
+
+    @_gather_pool_bwd_main_grad_op.register_fake
+    def _(grad_pooled, rows, blocks, scores, values, main_grad, deterministic, need_scores):
+        return torch.empty_like(scores) if need_scores else scores.new_empty(0)
+
+    def _setup_context(ctx, inputs, output):
+        rows, blocks, scores, values, E, deterministic, accumulate_into_main_grad = inputs
+        ctx.save_for_backward(rows, blocks, scores, values)
+        ctx.deterministic = deterministic
+        # The Parameter object itself (not a saved copy) carries main_grad; under torch.compile the
+        # inputs are fake tensors without it, and the ordinary gradient path is taken.
+        has_main_grad = accumulate_into_main_grad and getattr(values, "main_grad", None) is not None
+        ctx.main_grad_param = values if has_main_grad else None
+
+    def _megatron_dummy_wgrad(param: torch.Tensor) -> Optional[torch.Tensor]:
+        """Megatron's convention after a fused main_grad accumulation (tensor_parallel/layers.py).
+
+        When the param has `grad_added_to_main_grad` (Megatron DDP sets it), return a dummy grad so
+        DDP's backward hook still fires (needed with overlap_grad_reduce) and flag the param so the
+        hook does not add the dummy again; zeros if `zero_out_wgrad`, else uninitialized memory.
+        Otherwise return None.
+        """
+        if not hasattr(param, "grad_added_to_main_grad"):
+            return None
+        param.grad_added_to_main_grad = True
+        if getattr(param, "zero_out_wgrad", False):
+            return torch.zeros_like(param)
+        return torch.empty_like(param)
+
+    def _backward(ctx, grad_pooled):
+        rows, blocks, scores, values = ctx.saved_tensors
+        need_scores, need_values = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        param = ctx.main_grad_param
+        grad_pooled = grad_pooled.contiguous()
+        args = (grad_pooled, rows, blocks, scores, values)
+        if need_values and param is not None:
+            grad_scores = _gather_pool_bwd_main_grad_op(
+                *args, param.main_grad, ctx.deterministic, need_scores
+            )
+            grad_values = _megatron_dummy_wgrad(param)
+        else:
+            grad_scores, grad_values = _gather_pool_bwd_op(
+                *args, ctx.deterministic, need_scores, need_values
+            )
+            grad_values = grad_values if need_values else None
+        grad_scores = grad_scores if need_scores else None
+        return None, None, grad_scores, grad_values, None, None, None
+
+    _gather_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def gather_pool(
+    rows: torch.Tensor,
+    blocks: torch.Tensor,
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    E: int,
+    deterministic: bool = False,
+    accumulate_into_main_grad: bool = False,
+) -> torch.Tensor:
+    """Differentiable IVE + MCS pooling, same semantics as `reference.weighted_gather_pool`.
+
+    Args:
+        rows, blocks: [T, M] int64 physical rows in [0, N) and virtual blocks in [0, E) (not
+            bounds-checked by the kernel).
+        scores: [T, M, h] per-core pooling weights (differentiable).
+        values: [N, Dv] value table, Dv divisible by h (differentiable).
+        E: number of virtual blocks.
+        deterministic: values gradient without atomics, bitwise-reproducible across runs.
+        accumulate_into_main_grad: if `values.main_grad` exists (Megatron DDP), add the values
+            gradient into it in fp32 instead of returning it (eager mode only; under torch.compile or
+            without `main_grad` the ordinary gradient is returned).
+    Returns:
+        [T, E, Dv] in values.dtype, accumulated in fp32 (fp64 for fp64 values).
+
+    Uses the Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference.
+    """
+    if not use_triton(values):
+        return reference.weighted_gather_pool(rows, blocks, scores, values, E)
+    return _gather_pool_op(
+        rows, blocks, scores, values, E, deterministic, accumulate_into_main_grad
+    )
