@@ -90,13 +90,3 @@ def make_corpus(
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
 
     return Corpus(train=encode(train), valid=encode(valid), facts=facts)
-
-
-def batches(stream: torch.Tensor, batch_size: int, seq_length: int, seed: int):
-    """Endless random windows: yields (tokens, labels), each [batch, seq] (labels shifted by one)."""
-    g = torch.Generator().manual_seed(seed)
-    high = stream.numel() - seq_length - 1
-    while True:
-        starts = torch.randint(0, high, (batch_size,), generator=g)
-        window = torch.stack([stream[s : s + seq_length + 1] for s in starts.tolist()])
-        yield window[:, :-1], window[:, 1:]

@@ -238,7 +238,15 @@ class UltraMemLayer(MegatronModule):
         if kernels is None:
             return reference.weighted_gather_pool(rows, blocks, scores, self.values, self.E)
         return kernels.gather_pool(
-            rows, blocks, scores, self.values, self.E, self.config.ultramem_deterministic
+            rows,
+            blocks,
+            scores,
+            self.values,
+            self.E,
+            deterministic=self.config.ultramem_deterministic,
+            # Megatron's gradient-accumulation fusion: the table's gradient goes straight into the
+            # fp32 main_grad buffer instead of a dense [N, Dv] grad tensor.
+            accumulate_into_main_grad=self.config.gradient_accumulation_fusion,
         )
 
     def aggregate(self, virtual: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

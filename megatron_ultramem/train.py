@@ -12,12 +12,12 @@ MoEAuxLossAutoScaler.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
 import platform
 import socket
-import sys
 import time
 from typing import Dict, List, Optional
 
@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    g.add_argument("--data-backend", default="torch", choices=["torch", "dali"],
+                   help="input pipeline: Megatron's sampler + torch DataLoader, or NVIDIA DALI "
+                   "(pip install 'megatron-ultramem[dali]')")
+    g.add_argument("--data-workers", type=int, default=0, help="loader worker processes")
+    g.add_argument("--data-prefetch", type=int, default=2, help="prefetch depth (batches)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="ultramem_run")
     g.add_argument("--no-progress", action="store_true", help="disable the progress bar")
@@ -117,6 +122,19 @@ def validate_args(args) -> None:
         )
     if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise SystemExit(f"error: need 0 <= --min-lr <= --lr and --lr > 0 (got {args.min_lr}, {args.lr})")
+    if args.data_workers < 0 or args.data_prefetch < 1:
+        raise SystemExit(
+            f"error: --data-workers must be >= 0 and --data-prefetch >= 1 "
+            f"(got {args.data_workers}, {args.data_prefetch})"
+        )
+    if args.data_backend == "dali":
+        import importlib.util
+
+        if importlib.util.find_spec("nvidia.dali") is None:
+            raise SystemExit(
+                "error: --data-backend dali needs NVIDIA DALI: pip install 'megatron-ultramem[dali]' "
+                "(nvidia-dali-cuda130; nvidia-dali-cuda120 for CUDA 12 drivers)"
+            )
     if args.warmup_iters < 0 or args.warmup_iters >= args.train_iters:
         raise SystemExit(
             f"error: --warmup-iters must be in [0, --train-iters) = [0, {args.train_iters}), "
@@ -231,11 +249,14 @@ def _causal_mask(seq: int) -> torch.Tensor:
     return torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
 
 
-def lm_loss(model, tokens, labels) -> torch.Tensor:
-    """Mean next-token loss over the micro-batch ([b, s] inputs)."""
-    b, s = tokens.shape
-    positions = torch.arange(s).unsqueeze(0).expand(b, s)
-    return model(tokens, positions, _causal_mask(s), labels=labels).float().mean()
+def lm_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Masked mean next-token loss of a GPTDataset micro-batch (tokens, labels, ... are [b, s])."""
+    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = _causal_mask(tokens.shape[1])
+    per_token = model(tokens, batch["position_ids"], mask, labels=labels).float()  # [b, s]
+    return (per_token * loss_mask).sum() / loss_mask.sum()
 
 
 def _plot(path: str, steps, losses, eval_steps, eval_losses, title: str) -> None:
@@ -269,7 +290,9 @@ def train(args) -> Dict:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from . import data
+    from megatron.core import parallel_state
+
+    from . import data, data_pipeline
     from .optim import UltraMemParamScheduler, param_groups
 
     validate_args(args)
@@ -282,11 +305,29 @@ def train(args) -> Dict:
     model = build_model(config, data.VOCAB_SIZE, args.seq_length)
     layers = memory_layers(model)
 
+    # The embedded corpus as Megatron indexed datasets, read through GPTDataset and the
+    # pretraining sampler (or DALI), exactly as a Megatron-LM run reads its data.
     corpus = data.make_corpus(seed=args.seed)
-    train_batches = data.batches(corpus.train, args.micro_batch_size, args.seq_length, args.seed)
-    valid = list(
-        zip(range(args.eval_iters), data.batches(corpus.valid, args.micro_batch_size, args.seq_length, 0))
+    cache = os.path.join(args.output_dir, "data_cache", f"corpus_seed{args.seed}")
+    if rank == 0:  # atomic and idempotent
+        data_pipeline.write_indexed_corpus(corpus.train, os.path.join(cache, "train"))
+        data_pipeline.write_indexed_corpus(corpus.valid, os.path.join(cache, "valid"))
+    torch.distributed.barrier()
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    mbs = args.micro_batch_size
+    train_ds = data_pipeline.build_gpt_dataset(
+        os.path.join(cache, "train"), args.seq_length, args.train_iters * mbs * dp_size, args.seed, split="train"
     )
+    valid_ds = data_pipeline.build_gpt_dataset(
+        os.path.join(cache, "valid"), args.seq_length, args.eval_iters * mbs * dp_size, args.seed, split="valid"
+    )
+    train_batches = data_pipeline.build_train_iterator(
+        args.data_backend, train_ds, mbs, consumed_samples=0, dp_rank=dp_rank, dp_size=dp_size,
+        num_workers=args.data_workers, prefetch=args.data_prefetch,
+    )
+    valid = list(itertools.islice(
+        data_pipeline.build_train_iterator("torch", valid_ds, mbs, 0, dp_rank, dp_size), args.eval_iters
+    ))
 
     optimizer = torch.optim.AdamW(
         param_groups(model, args.weight_decay, config.ultramem_value_weight_decay),
@@ -314,7 +355,7 @@ def train(args) -> Dict:
     def evaluate() -> float:
         model.eval()
         with torch.no_grad():
-            val = sum(lm_loss(model, t, l).item() for _, (t, l) in valid) / len(valid)
+            val = sum(lm_loss(model, batch).item() for batch in valid) / len(valid)
         model.train()
         return val
 
@@ -332,8 +373,7 @@ def train(args) -> Dict:
     model.train()
     scheduler.step(1)  # Megatron steps the scheduler after each iteration; start at step 1 LR
     for step in range(1, args.train_iters + 1):
-        tokens, labels = next(train_batches)
-        loss = lm_loss(model, tokens, labels)
+        loss = lm_loss(model, next(train_batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -357,6 +397,13 @@ def train(args) -> Dict:
                 gnorm=f"{float(grad_norm):.2f}",
             )
             progress.update(1)
+        elif rank == 0 and eval_steps and eval_steps[-1] == step:
+            elapsed = time.perf_counter() - start
+            print(
+                f"step {step}/{args.train_iters} loss {loss.item():.3f} val {eval_losses[-1]:.3f} "
+                f"tok/s {step * tokens_per_step / elapsed:,.0f}",
+                flush=True,
+            )
     wall = time.perf_counter() - start
     if progress is not None:
         progress.close()
@@ -406,6 +453,18 @@ def _versions() -> Dict[str, str]:
     }
 
 
+def _quiet_megatron() -> None:
+    """Megatron warns at import about missing apex/TE and logs every custom MLP-slot module as an
+    'Unknown MLP type'; both are expected here, so the main job keeps its console for the run."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = build_parser().parse_args(argv)
+    _quiet_megatron()
     return train(args)

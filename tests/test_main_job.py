@@ -15,11 +15,14 @@ def _run(args, cwd):
     )
 
 
-@pytest.mark.parametrize("mode", ["parallel", "skip"])
-def test_main_job_short_run(tmp_path, mode):
+@pytest.mark.parametrize("mode,backend", [("parallel", "torch"), ("skip", "dali")])
+def test_main_job_short_run(tmp_path, mode, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="pip install 'megatron-ultramem[dali]'")
     proc = _run(
         ["--train-iters", "6", "--eval-interval", "3", "--eval-iters", "1", "--warmup-iters", "2",
-         "--micro-batch-size", "4", "--seq-length", "32", "--ultramem-mode", mode, "--no-progress"],
+         "--micro-batch-size", "4", "--seq-length", "32", "--ultramem-mode", mode,
+         "--data-backend", backend, "--no-progress"],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
