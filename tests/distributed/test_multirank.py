@@ -20,8 +20,9 @@ WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
 def test_torchrun(nproc, scenario):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-         "--master_port", "0", WORKER, scenario],
+        # --standalone: a local rendezvous on a free port, so parallel runs do not collide
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         WORKER, scenario],
         capture_output=True, text=True, timeout=900, env=env,
     )
     out = proc.stdout + proc.stderr
