@@ -1,0 +1,84 @@
+"""Run an unmodified Megatron-LM `pretrain_gpt.py` with UltraMem (no patch needed).
+
+    torchrun --nproc_per_node 8 -m megatron_ultramem.megatron_lm.pretrain_gpt \
+        --megatron-lm /path/to/Megatron-LM \
+        <pretrain_gpt.py arguments> \
+        --spec megatron_ultramem.megatron_lm ultramem_block_spec --ultramem-mode parallel ...
+
+The Megatron-LM checkout comes from `--megatron-lm PATH` (taken out of the argument list) or the
+environment variable MEGATRON_LM_PATH. Before the script runs:
+ 1. the checkout goes first on sys.path (its `megatron.training`, `gpt_builders`, `model_provider`;
+    its `megatron.core` too, so training code and core match);
+ 2. `install_megatron_lm_hooks(register_args=True)`: every `parse_args` of megatron.training adds
+    the --ultramem-* flags (pretrain_gpt.py passes no extra_args_provider of ours), and the
+    optimizer / scheduler / logging / validation hooks are installed (see hooks.py);
+ 3. the script runs as `__main__` via runpy, with sys.argv[0] set to its path.
+Nothing of Megatron is imported before step 1.
+"""
+
+import os
+import runpy
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+ENV_VAR = "MEGATRON_LM_PATH"
+
+
+def split_megatron_lm_path(argv: Sequence[str]) -> Tuple[Optional[str], List[str]]:
+    """Take `--megatron-lm PATH` / `--megatron-lm=PATH` out of argv; fall back to $MEGATRON_LM_PATH."""
+    rest, path = [], None
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--megatron-lm":
+            if i + 1 >= len(argv):
+                raise SystemExit("--megatron-lm needs a path to a Megatron-LM checkout")
+            path, i = argv[i + 1], i + 2
+            continue
+        if token.startswith("--megatron-lm="):
+            path, i = token.split("=", 1)[1], i + 1
+            continue
+        rest.append(token)
+        i += 1
+    return path or os.environ.get(ENV_VAR), rest
+
+
+def resolve_script(path: Optional[str], script: str = "pretrain_gpt.py") -> str:
+    if not path:
+        raise SystemExit(
+            f"Megatron-LM checkout not given: pass --megatron-lm PATH or set {ENV_VAR} "
+            "(a clone of github.com/NVIDIA/Megatron-LM, e.g. branch core_r0.16.0)"
+        )
+    full = os.path.join(os.path.abspath(os.path.expanduser(path)), script)
+    if not os.path.isfile(full):
+        raise SystemExit(f"{full} not found: is {path} a Megatron-LM checkout?")
+    return full
+
+
+def prepare(path: str) -> str:
+    """Steps 1 and 2; returns the script path."""
+    script = resolve_script(path)
+    root = os.path.dirname(script)
+    if "megatron" in sys.modules and root not in sys.path:
+        # `megatron` is a namespace package: once imported it would keep the wrong `megatron.core`.
+        raise RuntimeError(
+            "megatron was imported before the Megatron-LM checkout was put on sys.path"
+        )
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from .hooks import install_megatron_lm_hooks
+
+    install_megatron_lm_hooks(register_args=True)
+    return script
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    path, rest = split_megatron_lm_path(sys.argv[1:] if argv is None else argv)
+    script = prepare(path)
+    sys.argv = [script, *rest]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
