@@ -11,6 +11,7 @@ import os
 import socket
 
 import torch
+from megatron_ultramem.cpu_compat import CPU_CONFIG
 
 
 def free_port() -> int:
@@ -47,15 +48,9 @@ def main():
         hidden_size=64,
         num_attention_heads=4,
         ffn_hidden_size=256,
-        use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # Megatron's fused kernels need CUDA/apex; the plain paths work everywhere.
-        bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **CPU_CONFIG,  # CPU init, fused CUDA/apex kernels off
         # UltraMemV2 placement: a memory beside the MLP of every second layer.
         ultramem_mode="parallel",
         ultramem_layers="[0,1,0,1]",

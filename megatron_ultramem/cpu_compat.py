@@ -28,6 +28,17 @@ import contextlib
 
 import torch
 
+CPU_CONFIG = dict(
+    use_cpu_initialization=True,
+    bias_dropout_fusion=False,
+    gradient_accumulation_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+    apply_rope_fusion=False,
+)
+"""TransformerConfig fields (and Megatron-LM argument names) for CPU runs: parameters created on the
+CPU, and Megatron's fused kernels (which need CUDA or apex) off, so the plain PyTorch paths run."""
+
 _MARK = "_ultramem_cpu_patched"
 _PATCHED = []  # (owner, attribute name) pairs, for disable()
 

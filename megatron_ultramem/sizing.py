@@ -34,12 +34,13 @@ CLI:
 """
 
 import argparse
-import ast
 import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
+
+from .patterns import parse_layer_pattern
 
 # Defaults of UltraMemConfig's fields (tests check that they stay equal; this module must not import
 # megatron.core, which config.py does).
@@ -56,39 +57,9 @@ DEFAULT_BATCH_SIZES = (1, 8, 64, 512, 4096)
 
 
 # ---------------------------------------------------------------------- layer patterns
-def _eval_pattern(node):
-    if isinstance(node, ast.Expression):
-        return _eval_pattern(node.body)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int):
-        return node.value
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_eval_pattern(e) for e in node.elts]
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
-        left, right = _eval_pattern(node.left), _eval_pattern(node.right)
-        return left + right if isinstance(node.op, ast.Add) else left * right
-    raise ValueError(f"unsupported element {ast.dump(node)}")
-
-
 def layer_pattern(value: Union[int, str, Sequence[int]], num_layers: int, name: str) -> List[int]:
-    """0/1 per layer from an int N (every N-th layer, i % N == 0), a 0/1 list, or a list expression
-    like "([0]+[1]*3)*2": the spelling of Megatron's --moe-layer-freq and of --ultramem-layers."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("-").isdigit():
-            value = int(text)
-        else:
-            try:
-                value = _eval_pattern(ast.parse(text, mode="eval"))
-            except (SyntaxError, ValueError) as err:
-                raise ValueError(f"{name}={text!r} is not a layer pattern ({err})") from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 1:
-            raise ValueError(f"{name} as an int must be >= 1, got {value}")
-        return [1 if i % value == 0 else 0 for i in range(num_layers)]
-    pattern = list(value)
-    if len(pattern) != num_layers or any(p not in (0, 1) for p in pattern):
-        raise ValueError(f"{name}={value!r} must have {num_layers} entries of 0/1")
-    return pattern
+    """0/1 per layer, spelled like Megatron's --moe-layer-freq (see patterns.parse_layer_pattern)."""
+    return parse_layer_pattern(value, num_layers, name, allow_empty=True)
 
 
 # ---------------------------------------------------------------------- shapes

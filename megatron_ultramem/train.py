@@ -182,6 +182,7 @@ def init_distributed(tp: int = 1, ep: int = 1, seed: int = 1234) -> None:
 
 def make_config(args, **overrides):
     """UltraMemConfig from parsed main-job arguments."""
+    from . import cpu_compat
     from .config import UltraMemConfig
 
     fields = dict(
@@ -192,14 +193,9 @@ def make_config(args, **overrides):
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         sequence_parallel=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
+        **({} if torch.cuda.is_available() else cpu_compat.CPU_CONFIG),
         ultramem_mode=args.ultramem_mode,
         ultramem_layers=args.ultramem_layers,
         ultramem_skip_units=args.ultramem_skip_units if args.ultramem_mode == "skip" else None,

@@ -3,6 +3,7 @@
 import torch
 
 from megatron_ultramem.config import UltraMemConfig
+from megatron_ultramem.cpu_compat import CPU_CONFIG
 
 
 def small_config(dtype=torch.float32, **overrides) -> UltraMemConfig:
@@ -12,15 +13,10 @@ def small_config(dtype=torch.float32, **overrides) -> UltraMemConfig:
         hidden_size=24,
         num_attention_heads=4,
         ffn_hidden_size=40,
-        use_cpu_initialization=True,
         params_dtype=dtype,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **CPU_CONFIG,
         ultramem_num_keys=5,
         ultramem_key_dim=6,
         ultramem_value_dim=10,

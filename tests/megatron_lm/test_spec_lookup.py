@@ -17,6 +17,7 @@ import torch
 
 import megatron_ultramem.megatron_lm as pkg
 from megatron_ultramem.megatron_lm import spec as spec_mod
+from megatron_ultramem.cpu_compat import CPU_CONFIG
 
 SPEC = ("megatron_ultramem.megatron_lm", "ultramem_block_spec")
 
@@ -32,14 +33,9 @@ def megatron_args(**overrides):
         hidden_size=24,
         num_attention_heads=4,
         ffn_hidden_size=40,
-        use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **CPU_CONFIG,  # CPU init, fused CUDA/apex kernels off
         spec=list(SPEC),
         transformer_impl="local",
         normalization="LayerNorm",
@@ -198,14 +194,9 @@ def test_gpt_model_from_plain_config_runs_forward_backward(fake_get_args, megatr
         hidden_size=a.hidden_size,
         num_attention_heads=4,
         ffn_hidden_size=40,
-        use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        **CPU_CONFIG,  # CPU init, fused CUDA/apex kernels off
     )
     torch.manual_seed(0)
     model = GPTModel(plain, lookup(), vocab_size=32, max_sequence_length=8)
