@@ -1,0 +1,69 @@
+"""What every results file records: date, machine, versions, the exact command, machine load."""
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from typing import Dict, List
+
+
+def _run(cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as err:  # pragma: no cover - informational only
+        return f"({cmd} failed: {err})"
+
+
+def uptime() -> str:
+    """`uptime` output (the load averages over 1/5/15 minutes)."""
+    return _run("uptime")
+
+
+def versions() -> Dict[str, str]:
+    import torch
+
+    try:
+        import megatron.core
+
+        mcore = getattr(megatron.core, "__version__", "unknown")
+    except ImportError:  # pragma: no cover
+        mcore = "not installed"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron-core": mcore,
+        "torch threads": str(torch.get_num_threads()),
+    }
+
+
+def command_line() -> str:
+    """The command as typed: `python -m megatron_ultramem.experiments ...`."""
+    return "python -m megatron_ultramem.experiments " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def header(title: str, command: str, load_before: str, load_after: str) -> List[str]:
+    """Markdown lines: title, date, machine (lscpu | head -20, nproc), versions, command, load."""
+    v = versions()
+    mem_kib = _run("awk '/MemTotal/ {print $2}' /proc/meminfo")
+    ram = f"{int(mem_kib) / 2**20:.0f} GiB" if mem_kib.isdigit() else "unknown"
+    return [
+        f"# {title}",
+        "",
+        f"Date: `{_run('date')}`",
+        "",
+        f"Machine: nproc = {_run('nproc')}, RAM {ram}, no GPU used (CPU run). `lscpu | head -20`:",
+        "",
+        "```",
+        _run("lscpu | head -20"),
+        "```",
+        "",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "",
+        f"Command (from `{os.getcwd()}`): `{command}`",
+        "",
+        "Machine load (`uptime`; the 2 cores are shared with other engineers' processes):",
+        f"- before: `{load_before}`",
+        f"- after: `{load_after}`",
+        "",
+    ]
