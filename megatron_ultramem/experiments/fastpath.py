@@ -210,8 +210,10 @@ def compare(settings, log=print) -> Dict[str, object]:
         "## Prototype: faster CPU reference path (experiments/fastpath.py)",
         "",
         "Same math as the layer's reference path, reorganised (module docstring of fastpath.py): "
-        "keys as one GEMM matrix, selection under no_grad, the m x m grid as two matmuls, pooling "
-        "with `F.embedding_bag(per_sample_weights=...)` over the table viewed as [N*h, Dv/h].",
+        "(1) keys as one [K, H*n'*r] GEMM matrix, (2) selection (phase 1, the m x m grid, top-m) "
+        "under no_grad, (3) u folded into the keys for phase 1 and the phase-1 top-m unsorted, "
+        "(4) pooling with `F.embedding_bag(per_sample_weights=...)` over the table viewed as "
+        "[N*h, Dv/h].",
         "",
         f"Check against the layer (512 tokens, train mode, quality-sweep size): selected indices "
         f"agree {100 * chk['selection_agreement']:.2f}%, output relative error "
