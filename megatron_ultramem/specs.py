@@ -13,13 +13,12 @@ imports and `use_transformer_engine` is not False; Megatron's local modules othe
 """
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import torch
 
 from megatron.core.models.gpt import gpt_layer_specs
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import (

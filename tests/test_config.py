@@ -1,7 +1,6 @@
 """Config validation: each bad value gives an error naming the field and the allowed values."""
 
 import pytest
-import torch
 
 from megatron_ultramem.config import parse_layer_pattern, parse_skip_units
 

@@ -36,8 +36,7 @@ and per-core scores - are what makes FLOPs differ a little more than activated p
 """
 
 import argparse
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch

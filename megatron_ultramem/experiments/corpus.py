@@ -29,7 +29,7 @@ The same with the training statement forms whose value comes last (`RECALL_TEMPL
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch

@@ -25,11 +25,10 @@ What is measured (fp32, this CPU, eval mode, torch.no_grad):
 
 import contextlib
 import os
-import random
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch

@@ -20,7 +20,7 @@ CPU; each change is a candidate diff for layer.py / reference.py (see the decode
    multiply -> scatter_add_).
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F

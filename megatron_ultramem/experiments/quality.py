@@ -25,8 +25,8 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List
 
 import torch
 
