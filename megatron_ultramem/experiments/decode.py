@@ -475,6 +475,8 @@ def main(args) -> int:
         "",
         "## Set-up",
         "",
+        "- Caches (`lscpu | grep -i cache`): "
+        + "; ".join(" ".join(l.split()) for l in report._run("lscpu | grep -i cache").splitlines()),
         f"- Slot size (one layer, D={size.hidden_size}, fp32): " + "; ".join(
             f"`{v.name}`: {v.description}" for v in variants if v.name in KINDS),
         "",

@@ -1,26 +1,27 @@
 """Prototype of a faster CPU reference path for UltraMemLayer (measured here, not wired in).
 
-Same math as `UltraMemLayer.forward` with the reference backend (reference.py), reorganised for the
-CPU; each change is a candidate diff for layer.py / reference.py (see the decode report):
+The two functions below are exactly the proposed changes to reference.py (the diff is in the
+decode report); `fast_slot` runs UltraMemSlot with them so they can be checked against the layer
+and timed beside it:
 
-1. Keys as one [K, H*n'*r] matrix per side: the row/column scores are one GEMM each, written
-   straight into [T, H, n', r] (reference: einsum "tk,hakr->thar", which permutes its operands).
-2. Selection without autograd: phase-1 projections, the m x m rescoring grid and its top-m only
-   produce indices, so they run under torch.no_grad() (reference: tracked by autograd, which saves
-   the [T, H, m, m] grid's inputs for a backward that never reaches them).
-3. Phase-1 projections s_row . u = q_row . (keys u): u folded into the keys once per call, then
-   one [T, K] @ [K, H*n'] GEMM per side (the reference's einsum "thar,hr->tha" runs as T*H tiny
-   products over r), and the phase-1 top-m unsorted (their order does not matter; the final top-m
-   stays sorted).
-4. Pooling with `F.embedding_bag(mode="sum", per_sample_weights=...)`: the table viewed as
-   [N*h, Dv/h] (core slice i of row phi is row phi*h + i), one bag per (token, core, virtual block)
-   after a stable sort of each token's winners by block. No [T, H*m, Dv] gathered copy, no
-   [T, H*m, Dv] weighted copy, no scatter_add; its backward accumulates the table's gradient with
-   embedding_bag's backward instead of index_put_(accumulate=True) (reference: values[rows] ->
-   multiply -> scatter_add_).
+1. `tucker_topm_nograd` (for reference.tucker_topm): the selection - phase-1 projections, their
+   top-m (unsorted: the candidates' order does not matter), the m x m rescoring grid and the final
+   top-m - only produces indices, so it runs under torch.no_grad(); the winners' per-core scores
+   are gathered straight from S_row / S_col with autograd. The reference tracks the whole
+   selection, saving the grid's inputs for a backward that never reaches them.
+2. `weighted_gather_pool_bag` (a CPU path beside reference.weighted_gather_pool, which stays the
+   oracle): one `F.embedding_bag(mode="sum", per_sample_weights=...)` over the table viewed as
+   [N*h, Dv/h] (core slice i of row phi is row phi*h + i), one bag per (token, core, virtual
+   block) after a stable sort of each token's winners by block. No [T, H*m, Dv] gathered copy, no
+   weighted copy, no scatter_add_; the table's gradient comes from embedding_bag's backward
+   instead of index_put_(accumulate=True), the largest single op of the reference's training step.
+
+Also tried and left out (no gain measured beyond noise): the row/column scores as one
+[T, K] @ [K, H*n'*r] GEMM instead of the einsum, u folded into the keys for phase 1, the m x m grid
+and the per-core scores as broadcast products instead of small batched matmuls (slower).
 """
 
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,66 +29,64 @@ import torch.nn.functional as F
 from .. import reference
 
 
-def fast_retrieve(mem, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x [T, D] -> virtual [T, H*m], scores [T, H*m, h] (same as UltraMemLayer.retrieve)."""
-    T = x.shape[0]
-    H, n_side, K, r, m = mem.H, mem.n_side, mem.K, mem.r, mem.m
-    q = F.linear(x, mem.query_weight)  # [T, 2K]
-    q_row = mem.query_norm_row(q[:, :K])
-    q_col = mem.query_norm_col(q[:, K:])
-    k_row, k_col = mem.normalized_keys()  # [H, n', K, r]
-    # 1. one GEMM per side: [T, K] @ [K, H*n'*r] -> [T, H, n', r]
-    s_row = (q_row @ k_row.permute(2, 0, 1, 3).reshape(K, -1)).view(T, H, n_side, r)
-    s_col = (q_col @ k_col.permute(2, 0, 1, 3).reshape(K, -1)).view(T, H, n_side, r)
-    with torch.no_grad():  # 2. indices only
-        # phase 1: s_row . u = q_row . (keys u): fold u into the keys and do one [T, K] @ [K, H*n']
-        # GEMM per side; the order of the m candidates is irrelevant (sorted=False)
-        ku_row = torch.einsum("hakr,hr->kha", k_row, mem.tucker_u).reshape(K, H * n_side)
-        kv_col = torch.einsum("hakr,hr->kha", k_col, mem.tucker_v).reshape(K, H * n_side)
-        p_row = (q_row @ ku_row).view(T, H, n_side)  # [T, H, n']
-        p_col = (q_col @ kv_col).view(T, H, n_side)
-        i_row = torch.topk(p_row, m, dim=-1, sorted=False).indices  # [T, H, m]
-        i_col = torch.topk(p_col, m, dim=-1, sorted=False).indices
+def tucker_topm_nograd(s_row, s_col, cores, u, v, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """reference.tucker_topm with the selection under no_grad (same arguments and results)."""
+    T, H, n_side, r = s_row.shape
+    with torch.no_grad():
+        # Phase 1: rank-1 preselection. [T, H, n'] -> top-m indices [T, H, m] (order irrelevant)
+        i_row = torch.topk(torch.einsum("thar,hr->tha", s_row, u), m, dim=-1, sorted=False).indices
+        i_col = torch.topk(torch.einsum("thbr,hr->thb", s_col, v), m, dim=-1, sorted=False).indices
         sr = torch.gather(s_row, 2, i_row[..., None].expand(T, H, m, r))  # [T, H, m, r]
-        sc = torch.gather(s_col, 2, i_col[..., None].expand(T, H, m, r))
-        # phase 2: [T, H, m, m] grid, selection only
-        grid = torch.matmul(torch.matmul(sr, mem.cores.sum(1)), sc.transpose(-1, -2))
-        top = torch.topk(grid.view(T, H, m * m), m, dim=-1).indices  # [T, H, m], sorted
-        a, b = top // m, top % m
-        win_row = torch.gather(i_row, 2, a)  # [T, H, m] rows of the virtual grid
-        win_col = torch.gather(i_col, 2, b)
-        virtual = win_row * n_side + win_col
-    # winners' per-core scores, with gradient (the only path autograd sees): [T, H, m, h]
+        sc = torch.gather(s_col, 2, i_col[..., None].expand(T, H, m, r))  # [T, H, m, r]
+        # Phase 2: exact rescoring of the m x m grid with the summed core. [T, H, m, m]
+        grid = torch.einsum("thar,hrs,thbs->thab", sr, cores.sum(1), sc)
+        top = torch.topk(grid.reshape(T, H, m * m), m, dim=-1).indices  # [T, H, m], sorted
+        win_row = torch.gather(i_row, 2, top // m)  # [T, H, m] winners' rows of the virtual grid
+        win_col = torch.gather(i_col, 2, top % m)
     sr_w = torch.gather(s_row, 2, win_row[..., None].expand(T, H, m, r))  # [T, H, m, r]
-    sc_w = torch.gather(s_col, 2, win_col[..., None].expand(T, H, m, r))
-    scores = torch.einsum("thmr,hirs,thms->thmi", sr_w, mem.cores, sc_w)
-    if mem.config.ultramem_score_activation == "softmax":
-        scores = torch.softmax(scores, dim=2)
-    return virtual.reshape(T, H * m), scores.reshape(T, H * m, mem.h)
+    sc_w = torch.gather(s_col, 2, win_col[..., None].expand(T, H, m, r))  # [T, H, m, r]
+    # Per-core scores of the winners only (never the [.., h, m, m] grid). [T, H, m, h]
+    core_scores = torch.einsum("thmr,hirs,thms->thmi", sr_w, cores, sc_w)
+    return win_row * n_side + win_col, core_scores
 
 
-def embedding_bag_pool(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor,
-                       values: torch.Tensor, E: int) -> torch.Tensor:  # fmt: skip
-    """Same result as reference.weighted_gather_pool: [T, M], [T, M], [T, M, h], [N, Dv] -> [T, E, Dv]."""
+def weighted_gather_pool_bag(rows, blocks, scores, values, E: int) -> torch.Tensor:
+    """reference.weighted_gather_pool as one F.embedding_bag (same arguments and result):
+    [T, M], [T, M], [T, M, h], [N, Dv] -> [T, E, Dv]. fp32/fp64 tables (embedding_bag accumulates
+    in the table's dtype); other dtypes fall back to the reference."""
+    if values.dtype not in (torch.float32, torch.float64):
+        return reference.weighted_gather_pool(rows, blocks, scores, values, E)
     T, M = rows.shape
     h = scores.shape[-1]
     N, Dv = values.shape
     c = Dv // h
     with torch.no_grad():
         order = torch.sort(blocks, dim=1, stable=True).indices  # [T, M]
-        rows_s = torch.gather(rows, 1, order)
-        counts = torch.zeros(T, E, dtype=torch.int64).scatter_add_(
-            1, blocks, torch.ones_like(blocks)
-        )  # [T, E]
-        idx = rows_s[:, None, :] * h + torch.arange(h)[None, :, None]  # [T, h, M]
-        sizes = counts[:, None, :].expand(T, h, E).reshape(-1)  # bags (t, i, p)
+        counts = torch.zeros(T, E, dtype=torch.int64, device=rows.device)
+        counts.scatter_add_(1, blocks, torch.ones_like(blocks))  # [T, E] winners per block
+        core = torch.arange(h, device=rows.device)
+        idx = torch.gather(rows, 1, order)[:, None, :] * h + core[None, :, None]  # [T, h, M]
+        sizes = counts[:, None, :].expand(T, h, E).reshape(-1)  # bags ordered (t, i, p)
         offsets = torch.cumsum(sizes, 0) - sizes
-    w = torch.gather(scores, 1, order[..., None].expand(T, M, h)).transpose(1, 2)  # [T, h, M]
-    out = F.embedding_bag(
-        idx.reshape(-1), values.view(N * h, c), offsets, mode="sum",
-        per_sample_weights=w.reshape(-1).to(values.dtype),
-    )  # [T*h*E, c]  # fmt: skip
-    return out.view(T, h, E, c).transpose(1, 2).reshape(T, E, Dv)
+    weights = torch.gather(scores, 1, order[..., None].expand(T, M, h)).transpose(1, 2)  # [T, h, M]
+    pooled = F.embedding_bag(
+        idx.reshape(-1),
+        values.view(N * h, c),
+        offsets,
+        mode="sum",
+        per_sample_weights=weights.reshape(-1).to(values.dtype),
+    )  # [T*h*E, Dv/h]
+    return pooled.view(T, h, E, c).transpose(1, 2).reshape(T, E, Dv)
+
+
+def fast_retrieve(mem, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """UltraMemLayer.retrieve with tucker_topm_nograd: x [T, D] -> [T, H*m], [T, H*m, h]."""
+    T = x.shape[0]
+    s_row, s_col = mem.row_col_scores(x)  # [T, H, n', r] each
+    virtual, scores = tucker_topm_nograd(s_row, s_col, mem.cores, mem.tucker_u, mem.tucker_v, mem.m)
+    if mem.config.ultramem_score_activation == "softmax":
+        scores = torch.softmax(scores, dim=2)
+    return virtual.reshape(T, mem.H * mem.m), scores.reshape(T, mem.H * mem.m, mem.h)
 
 
 def fast_memory(mem, hidden: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ def fast_memory(mem, hidden: torch.Tensor) -> torch.Tensor:
     s, b, D = hidden.shape
     virtual, scores = fast_retrieve(mem, hidden.reshape(s * b, D))
     rows, blocks = reference.virtual_to_physical(virtual, mem.permutation, mem.N)
-    pooled = embedding_bag_pool(rows, blocks, scores, mem.values, mem.E)  # [T, E, Dv]
+    pooled = weighted_gather_pool_bag(rows, blocks, scores, mem.values, mem.E)  # [T, E, Dv]
     flat = pooled.transpose(1, 2).reshape(pooled.shape[0], -1)  # Dv-major, as the layer
     out, _ = mem.linear_out(flat)
     out = out.view(s, b, D)
@@ -148,41 +147,43 @@ def check_equal(slot, tokens: int = 512, seed: int = 0) -> Dict[str, float]:
 
 def compare(settings, log=print) -> Dict[str, object]:
     """Layer vs fast path: equality, training step and decode step timings; report lines."""
-    from .decode import KINDS, _Flusher, _median_ms, build_slots, time_interleaved
+    from .decode import _Flusher, _median_ms, build_slots, time_interleaved
 
     lines = []
-    # training step at the quality sweep's size
-    size = settings.train_size
-    slots = build_slots(size)
-    slot = slots["ultramem"][0]
-    moe = slots["moe"][0]
-    chk = check_equal(slot)
+    chk = check_equal(build_slots(settings.train_size)["ultramem"][0])
     log(f"  fast path vs layer: {chk}", flush=True)
-    T = settings.train_tokens
-    s = min(size.seq_length, T)
-    x = torch.randn(s, T // s, size.hidden_size)
-    g = torch.randn_like(x)
 
-    def step(fn, module):
-        def call(r):
-            out, _ = fn(x.clone().requires_grad_(True))
-            out.backward(g)
-            for p in module.parameters():
-                p.grad = None
+    def train_times(size, repeats):
+        slots = build_slots(size)
+        slot, moe = slots["ultramem"][0].train(), slots["moe"][0].train()
+        T = settings.train_tokens
+        s = min(size.seq_length, T)
+        x = torch.randn(s, T // s, size.hidden_size)
+        g = torch.randn_like(x)
 
-        return call
+        def step(fn, module):
+            def call(r):
+                out, _ = fn(x.clone().requires_grad_(True))
+                out.backward(g)
+                for p in module.parameters():
+                    p.grad = None
 
-    for m in (slot, moe):
-        m.train()
-    train_t = time_interleaved(
-        {
-            "ultramem (layer)": step(lambda h: slot(h), slot),
-            "ultramem (fast path)": step(lambda h: fast_slot(slot, h), slot),
-            "moe": step(lambda h: moe(h), moe),
-        },
-        settings.train_repeats,
-        2,
-    )
+            return call
+
+        t = time_interleaved(
+            {
+                "ultramem (layer)": step(lambda h: slot(h), slot),
+                "ultramem (fast path)": step(lambda h: fast_slot(slot, h), slot),
+                "moe": step(lambda h: moe(h), moe),
+            },
+            repeats,
+            2,
+        )
+        return {k: _median_ms(v) for k, v in t.items()}
+
+    train_q = train_times(settings.train_size, 3 * settings.train_repeats)
+    train_d = train_times(settings.size, settings.train_repeats)
+    log(f"  fast path train: {train_q} / {train_d}", flush=True)
     # decode step at the decode size
     dslots = build_slots(settings.size)
     dslot, dmoe = dslots["ultramem"][0].eval(), dslots["moe"][0].eval()
@@ -205,26 +206,29 @@ def compare(settings, log=print) -> Dict[str, object]:
             )
             dec[B] = {k: _median_ms(v) for k, v in t.items()}
             log(f"  fast path decode B={B}: {dec[B]}", flush=True)
-    tr = {k: _median_ms(v) for k, v in train_t.items()}
     lines += [
         "## Prototype: faster CPU reference path (experiments/fastpath.py)",
         "",
-        "Same math as the layer's reference path, reorganised (module docstring of fastpath.py): "
-        "(1) keys as one [K, H*n'*r] GEMM matrix, (2) selection (phase 1, the m x m grid, top-m) "
-        "under no_grad, (3) u folded into the keys for phase 1 and the phase-1 top-m unsorted, "
-        "(4) pooling with `F.embedding_bag(per_sample_weights=...)` over the table viewed as "
-        "[N*h, Dv/h].",
+        "The layer with the two proposed reference.py changes (fastpath.py's docstring; the diff "
+        "is below): (1) TDQKR selection under no_grad, winners' scores gathered with autograd; "
+        "(2) pooling with one `F.embedding_bag(per_sample_weights=...)` over the table viewed as "
+        "[N*h, Dv/h] instead of gather -> multiply -> scatter_add_.",
         "",
         f"Check against the layer (512 tokens, train mode, quality-sweep size): selected indices "
         f"agree {100 * chk['selection_agreement']:.2f}%, output relative error "
         f"{chk['out_rel_err']:.1e}, worst gradient relative error {chk['max_grad_rel_err']:.1e}.",
         "",
-        f"Training step of the slot (fwd+bwd, {T} tokens, quality-sweep size, median of "
-        f"{settings.train_repeats}, interleaved):",
+        f"Training step of the slot (fwd+bwd, {settings.train_tokens} tokens, interleaved; median of "
+        f"{3 * settings.train_repeats} at the quality-sweep size, {settings.train_repeats} at the "
+        "decode size):",
         "",
-        "| slot | ms | vs MoE |",
-        "|---|---|---|",
-        *[f"| {k} | {v:.1f} | {v / tr['moe']:.2f}x |" for k, v in tr.items()],
+        "| slot | quality size ms | vs MoE | decode size ms | vs MoE |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {k} | {train_q[k]:.1f} | {train_q[k] / train_q['moe']:.2f}x | {train_d[k]:.1f} "
+            f"| {train_d[k] / train_d['moe']:.2f}x |"
+            for k in train_q
+        ],
         "",
         "Decode step of the slot (decode size, cold cache, as above):",
         "",
@@ -237,4 +241,5 @@ def compare(settings, log=print) -> Dict[str, object]:
         ],
         "",
     ]
-    return {"check": chk, "train_ms": tr, "decode_ms": dec, "lines": lines}
+    return {"check": chk, "train_ms": {"quality": train_q, "decode": train_d}, "decode_ms": dec,
+            "lines": lines}  # fmt: skip
