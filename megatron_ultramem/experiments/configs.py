@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import sizing
+from .. import cpu_compat, sizing
 from ..sizing import MoEShape, UltraMemShape
 
 TOTAL_TOL = 0.01
@@ -226,14 +226,10 @@ def _transformer_config(size: ModelSize, variant: Variant, seed: int):
         ffn_hidden_size=variant.ffn_hidden_size,
         add_bias_linear=False,
         sequence_parallel=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
+        # plain (unfused) paths everywhere, so every variant runs the same code on CPU and GPU
+        **{**cpu_compat.CPU_CONFIG, "use_cpu_initialization": not torch.cuda.is_available()},
     )
     if variant.kind == "moe":
         m = variant.moe
