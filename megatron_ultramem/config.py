@@ -7,9 +7,10 @@ validation runs in `__post_init__`, before any module is built, and every error 
 its allowed values.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -233,6 +234,51 @@ class UltraMemConfig(TransformerConfig):
     def ultramem_skip_unit_list(self) -> List[Tuple[int, int]]:
         """The (i, j) skip units, validated against num_layers."""
         return parse_skip_units(self.ultramem_skip_units, self.num_layers)
+
+
+def ultramem_fields_of(config) -> Dict[str, object]:
+    """{field: value} of every `ultramem_*` field of an UltraMemConfig."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(UltraMemConfig)
+        if f.name.startswith("ultramem_")
+    }
+
+
+_UPGRADED: Dict[int, tuple] = {}  # id(config) -> (config, fields, UltraMemConfig): one per config
+
+
+def ensure_ultramem_config(config, ultramem: Optional[Dict[str, object]] = None) -> UltraMemConfig:
+    """`config` as an UltraMemConfig with the given `ultramem_*` values.
+
+    An UltraMemConfig without `ultramem` is returned as is. Otherwise a new UltraMemConfig is built
+    from `config`'s TransformerConfig fields (any TransformerConfig subclass) and the values; its
+    `__post_init__` validates them. The result is cached per config object, so all layers of a model
+    share one config.
+    """
+    if ultramem is None:
+        if isinstance(config, UltraMemConfig):
+            return config
+        raise TypeError(
+            f"{type(config).__name__} has no ultramem_* fields and none were given: build the model "
+            "with the UltraMem --spec (megatron_ultramem.megatron_lm) or pass an UltraMemConfig"
+        )
+    if isinstance(config, UltraMemConfig) and all(
+        getattr(config, k) == v or (k == "ultramem_value_dim" and v is None)
+        for k, v in ultramem.items()
+    ):
+        return config
+    cached = _UPGRADED.get(id(config))
+    if cached is not None and cached[0] is config and cached[1] == ultramem:
+        return cached[2]
+    kwargs = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(UltraMemConfig)
+        if f.init and not f.name.startswith("ultramem_") and hasattr(config, f.name)
+    }
+    upgraded = UltraMemConfig(**kwargs, **ultramem)
+    _UPGRADED[id(config)] = (config, dict(ultramem), upgraded)
+    return upgraded
 
 
 def _choice(name: str, value, allowed) -> None:

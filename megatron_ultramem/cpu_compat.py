@@ -22,6 +22,16 @@ Patches (target: reason):
  5. torch.cuda.synchronize, torch.cuda.current_stream, torch.cuda.Stream, torch.cuda.stream:
     Megatron's DDP and the dist-checkpoint async writer call them unconditionally; on CPU there is
     nothing to synchronize, so they become no-ops / a dummy stream.
+ 6. models.hybrid.hybrid_block.TENorm (megatron-core 0.19+, only without Transformer Engine):
+    HybridStack builds its final norm with TENorm whatever the stack spec says, and TENorm raises
+    without TE; use Megatron's local norm (the one the local GPT spec uses) instead.
+ 7. Megatron's optimizers (optimizer, distrib_optimizer, clip_grads, grad_scaler, the DDP grad
+    buffer and megatron.core.utils, home of the apex-free multi-tensor fallbacks): (a) their module-level `torch` name becomes a proxy whose tensor factories
+    turn device='cuda' into the CPU (found-inf flags, loss scales, norm buffers); (b) the
+    constructors of Float16OptimizerWithFloat16Params and DistributedOptimizer, and
+    clip_grad_by_total_norm_fp32, dispatch on `tensor.type()` strings such as
+    'torch.cuda.BFloat16Tensor': while those three run, `Tensor.type()` (no arguments) names CPU
+    tensors with their CUDA spelling. Nothing else sees either change.
 """
 
 import contextlib
@@ -103,6 +113,92 @@ class _NoStream:
         return None
 
 
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand")
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or torch.device(device).type == "cuda":
+        return "cpu"
+    return device
+
+
+class _CpuTorch:
+    """`torch` as seen by Megatron's optimizer modules on CPU (patch 7a)."""
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name in _FACTORIES:
+
+            def factory(*args, device=None, **kwargs):
+                return value(*args, device=_cpu_device(device), **kwargs)
+
+            return factory
+        return value
+
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self, *args, **kwargs):
+    name = _TENSOR_TYPE(self, *args, **kwargs)
+    if args or kwargs or not isinstance(name, str) or name.startswith("torch.cuda."):
+        return name
+    return name.replace("torch.", "torch.cuda.", 1)
+
+
+def _with_cuda_type_names(fn):
+    """fn, run with Tensor.type() reporting CUDA names (patch 7b)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        torch.Tensor.type = _cuda_type_name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _TENSOR_TYPE
+
+    return wrapper
+
+
+def _patch_optimizers() -> None:
+    import importlib
+
+    for name in ("optimizer", "distrib_optimizer", "clip_grads", "grad_scaler"):
+        module = importlib.import_module(f"megatron.core.optimizer.{name}")
+        _patch(module, "torch", _CpuTorch())
+    from megatron.core import utils as core_utils
+    from megatron.core.distributed import param_and_grad_buffer
+
+    _patch(param_and_grad_buffer, "torch", _CpuTorch())
+    _patch(core_utils, "torch", _CpuTorch())  # local_multi_tensor_l2_norm (no apex/TE)
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+
+    for owner, name in (
+        (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+        (distrib_optimizer.DistributedOptimizer, "__init__"),
+        (clip_grads, "clip_grad_by_total_norm_fp32"),
+        (optimizer, "clip_grad_by_total_norm_fp32"),  # imported by name there
+    ):
+        original = getattr(owner, name)
+        if not getattr(original, _MARK, False):
+            _patch(owner, name, _with_cuda_type_names(original))
+
+
+def _have_te() -> bool:
+    from megatron.core.extensions import transformer_engine
+
+    return bool(transformer_engine.HAVE_TE)
+
+
+def _local_norm(config, hidden_size: int, eps: float = 1e-5, **kwargs):
+    from megatron.core.models.gpt.gpt_layer_specs import LNImpl
+
+    return LNImpl(config=config, hidden_size=hidden_size, eps=eps)
+
+
 def enable() -> bool:
     """Apply the patches when CUDA is absent. Returns True when the CPU layer is active."""
     if torch.cuda.is_available():
@@ -128,6 +224,15 @@ def enable() -> bool:
     _patch(torch.cuda, "current_stream", lambda *a, **k: _NoStream())
     _patch(torch.cuda, "Stream", _NoStream)
     _patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+    # 6
+    try:
+        from megatron.core.models.hybrid import hybrid_block
+    except ImportError:  # megatron-core < 0.19: no HybridModel
+        hybrid_block = None
+    if hybrid_block is not None and not _have_te():
+        _patch(hybrid_block, "TENorm", _local_norm)
+    # 7
+    _patch_optimizers()
     return True
 
 

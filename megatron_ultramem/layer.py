@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from . import parallel, reference
+from . import compat, parallel, reference
 from .config import UltraMemConfig
 
 
@@ -84,7 +84,7 @@ class UltraMemLayer(MegatronModule):
         self.n_side = c.ultramem_keys_per_side
         self.N = c.ultramem_num_values
         self.Dv = c.ultramem_value_dim
-        self.layout = parallel.memory_layout(c)
+        self.layout = parallel.memory_layout(c, pg_collection)  # groups: pg_collection or mpu
         self.col_lo, self.col_hi = self.layout.columns(self.Dv)  # this rank's value columns
         self.core_lo, self.core_hi = self.layout.cores(self.Dv, self.h)
         dtype = c.params_dtype
@@ -268,14 +268,11 @@ class UltraMemLayer(MegatronModule):
         )
 
     def _attach_aux_loss(self, output: torch.Tensor) -> torch.Tensor:
-        from megatron.core.transformer.moe.moe_utils import (
-            MoEAuxLossAutoScaler,
-            save_to_aux_losses_tracker,
-        )
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         aux = self.tucker_aux_loss()
         if self.layer_number is not None:
-            save_to_aux_losses_tracker(
+            compat.record_aux_loss(
                 "ultramem_tucker_loss", aux.detach(), self.layer_number, self.config.num_layers
             )
         # Identity in forward; in backward it injects d(aux)/d(cores), scaled like the main loss.

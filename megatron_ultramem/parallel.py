@@ -40,13 +40,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
+
+from . import compat
 
 
 @dataclass(frozen=True)
@@ -82,18 +83,19 @@ class MemoryLayout:
         return c0 // per_core, max(c0 // per_core + 1, c1 // per_core)
 
 
-def memory_layout(config) -> MemoryLayout:
-    """The layout from Megatron's parallel_state (a single-rank layout if it is not initialized)."""
-    if not parallel_state.model_parallel_is_initialized():
+def memory_layout(config, pg_collection=None) -> MemoryLayout:
+    """The layout from `pg_collection` (megatron-core 0.18+ pass one to MLP-slot modules) or from
+    Megatron's parallel_state; a single-rank layout when neither is set up."""
+    groups = compat.process_groups(pg_collection)
+    if groups is None:
         return MemoryLayout(sequence_parallel=False)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    ep_group = parallel_state.get_expert_model_parallel_group()
+    tp_group, ep_group, edp_group = groups
     return MemoryLayout(
         tp_size=tp_group.size(),
         tp_rank=tp_group.rank(),
         ep_size=ep_group.size(),
         ep_rank=ep_group.rank(),
-        edp_rank=parallel_state.get_expert_data_parallel_rank(),
+        edp_rank=edp_group.rank() if edp_group is not None else 0,
         sequence_parallel=bool(config.sequence_parallel) and tp_group.size() > 1,
         tp_group=tp_group,
         ep_group=ep_group,

@@ -27,10 +27,15 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from . import compat
 from .config import UltraMemConfig
 from .layer import UltraMemLayer, UltraMemSubmodules
 
 HAVE_TE = gpt_layer_specs.HAVE_TE
+
+
+def _child(name: Optional[str], child: str) -> Optional[str]:
+    return f"{name}.{child}" if name is not None else None
 
 
 class SkipChannel:
@@ -90,18 +95,16 @@ class UltraMemSlot(MegatronModule):
         **kwargs,
     ):
         super().__init__(config=config)
-        self.mlp = None
-        if submodules.mlp is not None:
-            from megatron.core import parallel_state
-
-            tp_group = (
-                pg_collection.tp
-                if pg_collection is not None and hasattr(pg_collection, "tp")
-                else parallel_state.get_tensor_model_parallel_group()
-            )
-            self.mlp = build_module(submodules.mlp, config=config, tp_group=tp_group)
+        # 0.18+ pass pg_collection; earlier releases only config (groups then come from mpu).
+        self.mlp = (
+            compat.build_mlp(submodules.mlp, config, pg_collection, is_mtp_layer, _child(name, "mlp"))
+            if submodules.mlp is not None
+            else None
+        )
         self.memory = (
-            build_module(submodules.memory, config=config) if submodules.memory is not None else None
+            build_module(submodules.memory, config=config, pg_collection=pg_collection)
+            if submodules.memory is not None
+            else None
         )
         self.send = send
         self.receive = list(receive or [])
@@ -161,21 +164,24 @@ def get_ultramem_module_spec(use_transformer_engine: Optional[bool] = None, laye
     )
 
 
-def _unfused_mlp(mlp_spec: ModuleSpec, use_te: bool) -> ModuleSpec:
-    """The dense MLP spec with its LayerNorm split out (TE fuses it into linear_fc1)."""
+def _unfused_mlp(mlp_spec, use_te: bool):
+    """The dense MLP spec (ModuleSpec or 0.18+ builder) with its LayerNorm split out: TE fuses it
+    into linear_fc1, and the memory needs the normed input on its own."""
     spec = copy.deepcopy(mlp_spec)
     if use_te:
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
 
-        spec.submodules.linear_fc1 = TEColumnParallelLinear
+        sub = copy.copy(compat.mlp_spec_submodules(spec))
+        sub.linear_fc1 = TEColumnParallelLinear
+        spec = compat.with_mlp_submodules(spec, sub)
     return spec
 
 
 def _is_moe(layer_spec: ModuleSpec) -> bool:
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    mlp = layer_spec.submodules.mlp
-    return getattr(mlp, "module", None) is MoELayer
+    cls = compat.mlp_spec_class(layer_spec.submodules.mlp)
+    return cls is not None and issubclass(cls, MoELayer)
 
 
 def _with_slot(layer_spec: ModuleSpec, slot_spec, use_te: bool) -> ModuleSpec:

@@ -123,8 +123,11 @@ def test_replace_swaps_moe_layers(megatron_world):
     spec = get_ultramem_decoder_block_spec(cfg, use_transformer_engine=False)
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
+    from megatron_ultramem.compat import mlp_spec_class
+
     assert spec.layer_specs[0].submodules.mlp.module is UltraMemLayer
-    assert spec.layer_specs[1].submodules.mlp.module is MoELayer
+    # 0.16: ModuleSpec(MoELayer); 0.18+: functools.partial(MoELayer, ...)
+    assert mlp_spec_class(spec.layer_specs[1].submodules.mlp) is MoELayer
 
 
 def test_te_requested_without_te_is_a_clear_error(megatron_world):

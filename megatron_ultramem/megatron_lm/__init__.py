@@ -1,6 +1,8 @@
 """Megatron-LM integration of UltraMem.
 
-    --spec megatron_ultramem.megatron_lm ultramem_block_spec     the block spec, built from the flags
+    --spec megatron_ultramem.megatron_lm ultramem_block_spec     the GPT block spec, built from the flags
+    --spec megatron_ultramem.megatron_lm ultramem_hybrid_stack_spec
+                                                                 the HybridModel stack spec (0.19+)
     add_ultramem_args / validate_ultramem_args                   the --ultramem-* flags (arguments.py)
     install_megatron_lm_hooks                                    once-per-step Tucker refresh, value
                                                                  LR group and scheduler, logging
@@ -26,6 +28,7 @@ _LAZY = {
     "block_spec_from_args": "spec",
     "ensure_ultramem_config": "spec",
     "ultramem_config_from_args": "spec",
+    "hybrid_stack_spec_from_args": "spec",
     "set_args_provider": "spec",
     "install_megatron_lm_hooks": "hooks",
     "uninstall_megatron_lm_hooks": "hooks",
@@ -33,7 +36,7 @@ _LAZY = {
     "moe_to_ultramem_argv": "convert",
 }
 
-SPEC_NAMES = ("ultramem_block_spec",)
+SPEC_NAMES = ("ultramem_block_spec", "ultramem_hybrid_stack_spec")
 
 __all__ = sorted(_LAZY) + list(SPEC_NAMES)
 
@@ -41,9 +44,12 @@ __all__ = sorted(_LAZY) + list(SPEC_NAMES)
 def __getattr__(name):
     if name in SPEC_NAMES:
         try:
-            from .spec import UltraMemBlockSpec
+            from . import spec
 
-            obj = UltraMemBlockSpec()
+            if name == "ultramem_block_spec":
+                obj = spec.UltraMemBlockSpec()
+            else:
+                obj = spec.hybrid_stack_spec_from_args(spec.get_args())
         except AttributeError as err:
             # hasattr() (Megatron's import path) would swallow an AttributeError and report a
             # missing name instead: surface it.

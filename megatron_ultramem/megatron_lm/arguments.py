@@ -23,6 +23,10 @@ from typing import Callable, Dict, List, Optional
 SPEC_MODULE = "megatron_ultramem.megatron_lm"
 SPEC_NAME = "ultramem_block_spec"
 SPEC_FLAG = f"--spec {SPEC_MODULE} {SPEC_NAME}"
+HYBRID_SPEC_NAME = "ultramem_hybrid_stack_spec"
+HYBRID_SPEC_FLAG = f"--spec {SPEC_MODULE} {HYBRID_SPEC_NAME}"
+"""The HybridModel stack spec (pretrain_hybrid.py, megatron-core 0.19+)."""
+SPEC_NAMES = (SPEC_NAME, HYBRID_SPEC_NAME)
 
 # Flags of the plugin that are not UltraMemConfig fields (logging only).
 LOGGING_FLAGS = ("ultramem_log_stats", "ultramem_per_layer_logging")
@@ -274,8 +278,13 @@ def validate_ultramem_args(args) -> None:
         raise ValueError(_flagify(str(err))) from None
 
     spec = list(args.spec)
-    if len(spec) != 2 or spec[0] != SPEC_MODULE or spec[1] != SPEC_NAME:
-        raise ValueError(f"--spec {' '.join(spec)}: the UltraMem spec is spelled {SPEC_FLAG}")
+    if len(spec) != 2 or spec[0] != SPEC_MODULE or spec[1] not in SPEC_NAMES:
+        raise ValueError(
+            f"--spec {' '.join(spec)}: the UltraMem specs are spelled {SPEC_FLAG} (GPT) and "
+            f"{HYBRID_SPEC_FLAG} (HybridModel)"
+        )
+    if spec[1] == HYBRID_SPEC_NAME:
+        _validate_hybrid_args(args)
     impl = getattr(args, "transformer_impl", "transformer_engine")
     if impl not in ("transformer_engine", "local"):
         raise ValueError(
@@ -299,6 +308,8 @@ def validate_ultramem_args(args) -> None:
                 "from Megatron's standard GPT layer specs"
             )
 
+    if spec[1] == HYBRID_SPEC_NAME:
+        return  # MoE layers are the pattern's E symbols, checked in _validate_hybrid_args
     # MoE: a memory replaces a MoE block ('replace') or runs beside a dense MLP ('parallel', 'skip').
     moe = moe_layer_pattern(args)
     if any(moe) and args.ultramem_mode in ("parallel", "skip"):
@@ -318,3 +329,22 @@ def validate_ultramem_args(args) -> None:
                 "--ultramem-mode replace (the memory replaces those MoE blocks), other layers in "
                 f"{where}, or no --num-experts (dense MLPs everywhere)"
             )
+
+
+def _validate_hybrid_args(args) -> None:
+    """The hybrid spec's own rules (hybrid.validate_hybrid_pattern) on --hybrid-layer-pattern."""
+    pattern = getattr(args, "hybrid_layer_pattern", None) or getattr(
+        args, "hybrid_override_pattern", None
+    )
+    if not pattern:
+        raise ValueError(
+            f"{HYBRID_SPEC_FLAG} needs --hybrid-layer-pattern (e.g. \"*E*E\" with --ultramem-mode "
+            "replace, or \"*-*-\" with --ultramem-mode parallel)"
+        )
+    from ..hybrid import validate_hybrid_pattern
+
+    try:
+        validate_hybrid_pattern(_ArgsView(args), pattern)
+    except ValueError as err:
+        message = _flagify(str(err)).replace("hybrid layer pattern", "--hybrid-layer-pattern")
+        raise ValueError(message) from None

@@ -374,11 +374,9 @@ def discard_tracker_entry() -> None:
     The hooks log the aux loss themselves, so the entry is dropped each iteration before
     training_log runs.
     """
-    try:
-        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-    except ImportError:  # pragma: no cover
-        return
-    get_moe_layer_wise_logging_tracker().pop(TRACKER_NAME, None)
+    from .. import compat
+
+    compat.discard_aux_loss(TRACKER_NAME)
 
 
 # ---------------------------------------------------------------------- Megatron-LM wrappers
@@ -520,7 +518,10 @@ _TARGETS = (
     ("megatron.training.training", "get_megatron_muon_optimizer", _wrap_get_optimizer),
     ("megatron.training.training", "get_optimizer_param_scheduler", _wrap_get_scheduler),
     ("megatron.training.training", "training_log", _wrap_training_log),
+    # core_r0.16 initialize_megatron calls initialize's imported validate_args; 0.19's
+    # parse_and_validate_args (pretrain_gpt.py / pretrain_hybrid.py) calls arguments.validate_args.
     ("megatron.training.initialize", "validate_args", _wrap_validate_args),
+    ("megatron.training.arguments", "validate_args", _wrap_validate_args),
 )
 
 
@@ -550,7 +551,11 @@ def install_megatron_lm_hooks(register_args: bool = False) -> List[str]:
 
     installed, missing = [], []
     for module_name, name, make_wrapper in _TARGETS:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(f"{module_name}.{name}")
+            continue
         (installed if _patch(module, name, make_wrapper) else missing).append(
             f"{module_name}.{name}"
         )

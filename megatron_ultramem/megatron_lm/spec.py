@@ -32,7 +32,7 @@ from typing import Callable, Dict, Optional
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from ..config import UltraMemConfig
+from ..config import UltraMemConfig, ensure_ultramem_config, ultramem_fields_of
 from ..layer import UltraMemLayer
 from ..specs import UltraMemSlot, get_ultramem_decoder_block_spec
 from .arguments import SPEC_FLAG, ultramem_fields_from_args, validate_ultramem_args
@@ -61,52 +61,6 @@ def get_args():
 
 
 # ---------------------------------------------------------------------- config
-def _ultramem_fields_of(config) -> Dict[str, object]:
-    return {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(UltraMemConfig)
-        if f.name.startswith("ultramem_")
-    }
-
-
-_UPGRADED: Dict[int, tuple] = (
-    {}
-)  # id(config) -> (config, fields, UltraMemConfig): one per model config
-
-
-def ensure_ultramem_config(config, ultramem: Optional[Dict[str, object]] = None) -> UltraMemConfig:
-    """`config` as an UltraMemConfig with the given `ultramem_*` values.
-
-    An UltraMemConfig without `ultramem` is returned as is. Otherwise a new UltraMemConfig is built
-    from `config`'s TransformerConfig fields (any TransformerConfig subclass) and the values; its
-    `__post_init__` validates them. The result is cached per config object, so all layers of a model
-    share one config.
-    """
-    if ultramem is None:
-        if isinstance(config, UltraMemConfig):
-            return config
-        raise TypeError(
-            f"{type(config).__name__} has no ultramem_* fields and none were given: build the model "
-            f"with {SPEC_FLAG} or pass an UltraMemConfig"
-        )
-    if isinstance(config, UltraMemConfig) and all(
-        getattr(config, k) == v or (k == "ultramem_value_dim" and v is None)
-        for k, v in ultramem.items()
-    ):
-        return config
-    cached = _UPGRADED.get(id(config))
-    if cached is not None and cached[0] is config and cached[1] == ultramem:
-        return cached[2]
-    kwargs = {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(UltraMemConfig)
-        if f.init and not f.name.startswith("ultramem_") and hasattr(config, f.name)
-    }
-    upgraded = UltraMemConfig(**kwargs, **ultramem)
-    _UPGRADED[id(config)] = (config, dict(ultramem), upgraded)
-    return upgraded
-
-
 def _config_from_namespace(args) -> UltraMemConfig:
     """Fallback without Megatron-LM: copy args named like UltraMemConfig fields (what
     `core_transformer_config_from_args` does first), plus --num-experts -> num_moe_experts."""
@@ -166,7 +120,7 @@ def bind_ultramem_config(
     block: TransformerBlockSubmodules, config: UltraMemConfig
 ) -> TransformerBlockSubmodules:
     """A copy of `block` whose memory modules accept any TransformerConfig (see module doc)."""
-    fields = _ultramem_fields_of(config)
+    fields = ultramem_fields_of(config)
     pattern = _memory_pattern(config)
     mixed = 0 < sum(pattern) < len(pattern)
     layer_specs = []
@@ -304,3 +258,20 @@ class UltraMemBlockSpec(TransformerBlockSubmodules):
         return self is other
 
     __hash__ = object.__hash__
+
+
+# ---------------------------------------------------------------------- HybridModel (0.19+)
+def hybrid_stack_spec_from_args(args):
+    """`--spec megatron_ultramem.megatron_lm ultramem_hybrid_stack_spec`: the HybridStack spec for
+    pretrain_hybrid.py (`hybrid_config_from_args` uses the object itself as `hybrid_stack_spec`).
+
+    One static ModuleSpec for every pipeline stage: its memory slots choose per layer when built
+    (hybrid.HybridMemorySlot), reading the `--ultramem-*` values carried in the spec.
+    """
+    from ..hybrid import get_ultramem_hybrid_stack_spec
+
+    validate_ultramem_args(args)
+    return get_ultramem_hybrid_stack_spec(
+        use_transformer_engine=_use_te(getattr(args, "transformer_impl", "transformer_engine")),
+        ultramem_fields=ultramem_fields_from_args(args),
+    )

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 4 tests/distributed/worker.py layouts4
     torchrun --nproc_per_node 4 tests/distributed/worker.py checkpoint
     torchrun --nproc_per_node 2 tests/distributed/worker.py train2
+    torchrun --nproc_per_node 4 tests/distributed/worker.py hybrid
 
 Each scenario builds the single-rank layer (TP=1, EP=1) on the global batch first and compares every
 rank's slice of the parallel run against it. Layout checks run in float64 so that no top-m tie flips
@@ -311,6 +312,112 @@ def scenario_train2():
             if abs(a - b) > 1e-6 * abs(b):
                 raise AssertionError(f"TP={tp} EP={ep} losses {losses} vs single rank {ref_losses}")
         log(f"ok GPT + Megatron DDP at TP={tp} EP={ep}: losses {[round(l, 6) for l in losses]} == single rank")
+
+
+def scenario_hybrid():
+    """HybridModel (megatron-core 0.19+) with attention + memory layers: logits and the memories'
+    gradients at TP=2 and TP=2 x EP=2 equal the single-rank model's (fp64, the single-rank weights
+    loaded through a distributed checkpoint), and a checkpoint saved at TP=2 x EP=2 loads at
+    TP=1 x EP=2 with identical logits. On older releases: the spec refuses with a clear error."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ultramem import compat
+    from megatron_ultramem.hybrid import get_ultramem_hybrid_stack_spec
+
+    if compat._minor(compat.megatron_core_version()) < (0, 19):
+        try:
+            get_ultramem_hybrid_stack_spec(False)
+        except ImportError as err:
+            assert "megatron-core >= 0.19" in str(err), err
+            log(f"ok HybridModel refused on megatron-core {compat.megatron_core_version()}: {err}")
+            return
+        raise AssertionError("the hybrid spec built on a release without HybridModel")
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    vocab, seq, batch = 40, 6, 4
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g)
+    weight = torch.randn(batch, seq, vocab, generator=g, dtype=torch.float64)
+    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
+    pos = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    cases = {  # mode -> (pattern, ultramem_layers): memories on layers 1 and 3
+        "replace": ("*E*E", 1),
+        "parallel": ("*-*-", "[0,1,0,1]"),
+    }
+    root = [tempfile.mkdtemp() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(root, src=0)
+
+    def build(mode, tp, ep, seed=0):
+        pattern, layers = cases[mode]
+        cfg = small_config(
+            torch.float64, num_layers=4, ultramem_mode=mode, ultramem_layers=layers,
+            ultramem_value_dim=12, tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        model = HybridModel(
+            config=cfg, hybrid_stack_spec=get_ultramem_hybrid_stack_spec(False), vocab_size=vocab,
+            max_sequence_length=seq, hybrid_layer_pattern=pattern, parallel_output=False,
+            position_embedding_type="rope",
+        ).double()  # fp64 everywhere (Megatron's norms and embeddings are built in fp32)
+        memories = [m for m in model.modules() if isinstance(m, UltraMemLayer)]
+        assert [m.layer_index for m in memories] == [1, 3], [m.layer_index for m in memories]
+        return model.eval(), memories
+
+    def rows():
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        return slice(dp_rank * batch // dp_size, (dp_rank + 1) * batch // dp_size)
+
+    def forward_backward(model, memories, sl):
+        logits = model(tokens[sl], pos[sl], mask)  # [b, s, vocab], gathered over TP
+        (logits * weight[sl]).sum().backward()
+        return logits.detach(), [m.values.grad.clone() for m in memories]
+
+    def save(model, name):
+        path = os.path.join(root[0], name)
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(path)
+        torch.distributed.barrier()
+        dist_checkpointing.save(model.sharded_state_dict(), path)
+        torch.distributed.barrier()
+        return path
+
+    def load(model, path):
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), path))
+
+    for mode in cases:
+        setup(1, 1)
+        ref, ref_mem = build(mode, 1, 1)
+        ref_logits, ref_grads = forward_backward(ref, ref_mem, slice(None))
+        path = save(ref, f"{mode}_tp1")
+        for tp, ep in ((2, 1), (2, 2)):
+            setup(tp, ep)
+            model, memories = build(mode, tp, ep, seed=1)  # other weights until loaded
+            load(model, path)
+            sl = rows()
+            logits, grads = forward_backward(model, memories, sl)
+            close(f"hybrid {mode} TP={tp} EP={ep} logits", logits, ref_logits[sl])
+            for m, gr, want in zip(memories, grads, ref_grads):
+                want = want[:, m.col_lo : m.col_hi]
+                if ep == 1 and ps.get_data_parallel_world_size() > 1:  # DDP would sum over DP
+                    gr = gr.clone()
+                    torch.distributed.all_reduce(gr, group=ps.get_data_parallel_group())
+                close(f"hybrid {mode} TP={tp} EP={ep} value grad", gr, want)
+            log(f"ok HybridModel {mode} ({cases[mode][0]}) at TP={tp} EP={ep}: logits and value "
+                "grads == single rank")  # fmt: skip
+        # checkpoint saved at TP=2 x EP=2 (weights moved off the init) -> TP=1 x EP=2
+        setup(2, 2)
+        model, _ = build(mode, 2, 2, seed=2)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+        sl = rows()
+        want = model(tokens, pos, mask).detach()  # the whole batch on every rank
+        path = save(model, f"{mode}_tp2ep2")
+        setup(1, 2)
+        other, _ = build(mode, 1, 2, seed=3)
+        load(other, path)
+        close(f"hybrid {mode} checkpoint (2,2)->(1,2) logits", other(tokens, pos, mask).detach(), want)
+        log(f"ok HybridModel {mode} checkpoint saved at (TP, EP)=(2, 2) loads at (1, 2), identical logits")
 
 
 def main():

@@ -111,8 +111,7 @@ class Writer:
 @pytest.fixture
 def fake_megatron(monkeypatch, layer):
     """Stand-ins for the megatron.training functions the hooks wrap."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-
+    from megatron_ultramem import compat
     from megatron_ultramem.megatron_lm.arguments import SPEC_MODULE, SPEC_NAME
 
     state = SimpleNamespace(
@@ -171,7 +170,7 @@ def fake_megatron(monkeypatch, layer):
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     state.modules = modules
-    state.tracker = get_moe_layer_wise_logging_tracker()
+    state.tracker = compat.aux_loss_entries()  # the live dict on every version
     yield state
     hooks_mod.uninstall_megatron_lm_hooks()
 
@@ -208,7 +207,10 @@ def test_megatron_lm_wrappers(fake_megatron, layer, monkeypatch):
     s.modules["megatron.training.initialize"].validate_args(s.args)
     assert s.validated == [s.args] and checked == [s.args]  # Megatron's checks, then ours
 
-    s.tracker["ultramem_tucker_loss"] = {"values": torch.ones(3)}
+    from megatron_ultramem import compat
+
+    compat.record_aux_loss("ultramem_tucker_loss", torch.tensor(1.0), 1, 3)  # a stale entry
+    assert "ultramem_tucker_loss" in s.tracker
     layer.train()
     layer(torch.randn(2, 2, layer.D))
     assert t.training_log({}, {}, 1.0, 1) == "original"

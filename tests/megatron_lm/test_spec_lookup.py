@@ -17,6 +17,7 @@ import torch
 
 import megatron_ultramem.megatron_lm as pkg
 from megatron_ultramem.megatron_lm import spec as spec_mod
+from megatron_ultramem import compat
 from megatron_ultramem.cpu_compat import CPU_CONFIG
 
 SPEC = ("megatron_ultramem.megatron_lm", "ultramem_block_spec")
@@ -78,7 +79,8 @@ def lookup():
 
 
 def mlp_modules(block):
-    return [getattr(s.submodules.mlp, "module", s.submodules.mlp) for s in block.layer_specs]
+    # compat.mlp_spec_class: ModuleSpec.module (0.16) or the class a 0.18+ builder partial makes
+    return [compat.mlp_spec_class(s.submodules.mlp) for s in block.layer_specs]
 
 
 def test_lookup_builds_lazily_and_caches(fake_get_args):
@@ -217,7 +219,10 @@ def test_gpt_model_from_plain_config_runs_forward_backward(fake_get_args, megatr
 
 
 def test_args_provider_hook_without_fake_module(monkeypatch):
-    monkeypatch.delitem(sys.modules, "megatron.training", raising=False)
+    # No megatron.training at all (megatron-core <= 0.16 without a Megatron-LM checkout); from 0.17
+    # on the package ships it, so hide it: a None entry makes the import raise ImportError.
+    monkeypatch.setitem(sys.modules, "megatron.training", None)
+    monkeypatch.setitem(sys.modules, "megatron.training.arguments", None)
     args = megatron_args(ultramem_mode="replace", ultramem_layers=2)
     previous = spec_mod.set_args_provider(lambda: args)
     pkg.reset_spec_cache()
