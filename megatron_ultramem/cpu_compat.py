@@ -25,13 +25,19 @@ Patches (target: reason):
  6. models.hybrid.hybrid_block.TENorm (megatron-core 0.19+, only without Transformer Engine):
     HybridStack builds its final norm with TENorm whatever the stack spec says, and TENorm raises
     without TE; use Megatron's local norm (the one the local GPT spec uses) instead.
- 7. Megatron's optimizers (optimizer, distrib_optimizer, clip_grads, grad_scaler, the DDP grad
-    buffer and megatron.core.utils, home of the apex-free multi-tensor fallbacks): (a) their module-level `torch` name becomes a proxy whose tensor factories
-    turn device='cuda' into the CPU (found-inf flags, loss scales, norm buffers); (b) the
+ 7. Megatron's optimizers and schedules: (a) the module-level `torch` name of the optimizer,
+    distrib_optimizer, clip_grads, grad_scaler, DDP grad-buffer, pipeline-schedule modules and
+    megatron.core.utils (the apex-free multi-tensor fallbacks) becomes a proxy whose tensor
+    factories turn device='cuda' into the CPU (found-inf flags, loss scales, norm buffers, the
+    schedules' token counters); (b) the
     constructors of Float16OptimizerWithFloat16Params and DistributedOptimizer, and
     clip_grad_by_total_norm_fp32, dispatch on `tensor.type()` strings such as
     'torch.cuda.BFloat16Tensor': while those three run, `Tensor.type()` (no arguments) names CPU
     tensors with their CUDA spelling. Nothing else sees either change.
+ 8. megatron.training.arguments.get_device_arch_version (where megatron.training is importable:
+    megatron-core 0.17+, or a Megatron-LM checkout on sys.path): validate_args asks the GPU's
+    compute capability with tensor parallelism; report 9 (Hopper), whose rules (e.g.
+    CUDA_DEVICE_MAX_CONNECTIONS=1 for TP communication overlap) are the conservative ones.
 """
 
 import contextlib
@@ -163,7 +169,7 @@ def _with_cuda_type_names(fn):
     return wrapper
 
 
-def _patch_optimizers() -> None:
+def _patch_optimizers_and_schedules() -> None:
     import importlib
 
     for name in ("optimizer", "distrib_optimizer", "clip_grads", "grad_scaler"):
@@ -172,8 +178,10 @@ def _patch_optimizers() -> None:
     from megatron.core import utils as core_utils
     from megatron.core.distributed import param_and_grad_buffer
 
-    _patch(param_and_grad_buffer, "torch", _CpuTorch())
-    _patch(core_utils, "torch", _CpuTorch())  # local_multi_tensor_l2_norm (no apex/TE)
+    from megatron.core.pipeline_parallel import schedules
+
+    for module in (param_and_grad_buffer, core_utils, schedules):
+        _patch(module, "torch", _CpuTorch())
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
     for owner, name in (
@@ -232,7 +240,14 @@ def enable() -> bool:
     if hybrid_block is not None and not _have_te():
         _patch(hybrid_block, "TENorm", _local_norm)
     # 7
-    _patch_optimizers()
+    _patch_optimizers_and_schedules()
+    # 8
+    try:
+        from megatron.training import arguments as training_arguments
+    except ImportError:
+        training_arguments = None
+    if training_arguments is not None and hasattr(training_arguments, "get_device_arch_version"):
+        _patch(training_arguments, "get_device_arch_version", lambda: 9)
     return True
 
 

@@ -71,24 +71,31 @@ DALI_INSTALL_HINT = (
 # --------------------------------------------------------------------------------------------
 
 
-class ByteTokenizer:
-    """The byte tokenizer of the embedded corpus, as GPTDataset sees it.
+class IdTokenizer:
+    """A tokenizer as GPTDataset sees it, for token ids that are already in the data.
 
     GPTDatasetConfig and GPTDataset read only `vocab_size` (picks the token dtype), `eod` (masks
-    and position ids), `pad` (loss masking) and `unique_identifiers` (part of the dataset cache
-    key); Megatron's `MegatronTokenizerBase` is an abstract text API this pipeline never calls.
+    and position ids, used only with Megatron's reset/eod-mask options, which are off here),
+    `pad` (loss masking) and `unique_identifiers` (part of the dataset cache key); Megatron's
+    `MegatronTokenizerBase` is an abstract text API this pipeline never calls.
     """
 
-    vocab_size = VOCAB_SIZE
-    eod = EOD_TOKEN
-    pad = PAD_TOKEN
+    def __init__(self, vocab_size: int, eod: int = EOD_TOKEN, pad: int = PAD_TOKEN):
+        self.vocab_size, self.eod, self.pad = vocab_size, eod, pad
 
     @property
     def unique_identifiers(self) -> OrderedDict:
         return OrderedDict(
-            [("class", "megatron_ultramem.ByteTokenizer"), ("vocab_size", self.vocab_size),
+            [("class", f"megatron_ultramem.{type(self).__name__}"), ("vocab_size", self.vocab_size),
              ("eod", self.eod)]
         )
+
+
+class ByteTokenizer(IdTokenizer):
+    """The byte tokenizer of the embedded corpus (vocabulary 256, newline ends a document)."""
+
+    def __init__(self):
+        super().__init__(VOCAB_SIZE, EOD_TOKEN, PAD_TOKEN)
 
     def tokenize(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
@@ -222,6 +229,51 @@ def write_indexed_corpus(tokens: Union[torch.Tensor, Sequence[Sequence[int]]], p
     return digest
 
 
+def inspect_indexed_prefix(prefix: str, flag: str = "--data-path") -> Dict[str, int]:
+    """Check that `prefix` is a readable Megatron indexed dataset; {'documents', 'tokens',
+    'max_token_id'}. Raises ValueError naming `flag`, the prefix and what is wrong (missing file,
+    unreadable index, .bin shorter than the index says, no tokens)."""
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset
+
+    what = (
+        "a Megatron indexed dataset is PREFIX.bin + PREFIX.idx (written by Megatron-LM's "
+        "tools/preprocess_data.py or megatron.core.datasets.indexed_dataset.IndexedDatasetBuilder)"
+    )
+    for suffix in (".bin", ".idx"):
+        if not os.path.isfile(prefix + suffix):
+            raise ValueError(f"{flag} {prefix}: {prefix}{suffix} not found; {what}")
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(len(_INDEX_HEADER))
+    if header != _INDEX_HEADER:  # checked here: IndexedDataset fails noisily (also in __del__)
+        raise ValueError(
+            f"{flag} {prefix}: {prefix}.idx does not start with Megatron's index header "
+            f"{_INDEX_HEADER!r}: not a readable Megatron indexed dataset; {what}"
+        )
+    try:
+        dataset = IndexedDataset(prefix, mmap=True)
+        lengths = numpy.asarray(dataset.sequence_lengths, dtype=numpy.int64)
+        dtype = numpy.dtype(dataset.index.dtype)
+    except Exception as err:  # Megatron asserts on a bad header, numpy raises on a short file
+        raise ValueError(
+            f"{flag} {prefix}: not a readable Megatron indexed dataset "
+            f"({type(err).__name__}: {err}); {what}"
+        ) from None
+    tokens = int(lengths.sum())
+    if tokens == 0:
+        raise ValueError(f"{flag} {prefix}: the dataset has no tokens")
+    expected = tokens * dtype.itemsize
+    actual = os.path.getsize(prefix + ".bin")
+    if actual < expected:
+        raise ValueError(
+            f"{flag} {prefix}: {prefix}.bin has {actual} bytes but its index describes {expected} "
+            "(a truncated or mismatched .bin/.idx pair)"
+        )
+    data = numpy.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(tokens,))
+    chunk = 1 << 24
+    max_id = max(int(data[i : i + chunk].max()) for i in range(0, tokens, chunk))
+    return {"documents": int(lengths.size), "tokens": tokens, "max_token_id": max_id}
+
+
 def gpt_cache_dir(prefix: str) -> str:
     """Where GPTDataset caches its index files for `prefix`: `{prefix}.gpt_cache/<idx hash>`.
 
@@ -245,9 +297,12 @@ def build_gpt_dataset(
     create_attention_mask: bool = False,
     path_to_cache: Optional[str] = None,
     is_built_on_rank: Callable[[], bool] = lambda: True,
+    tokenizer: Optional[IdTokenizer] = None,
+    split_shares: Optional[str] = None,
 ):
-    """Megatron's GPTDataset over the whole indexed dataset at `prefix`, built with
-    BlendedMegatronDatasetBuilder and GPTDatasetConfig.
+    """Megatron's GPTDataset over the whole indexed dataset at `prefix` (or, with
+    `split_shares` like "95,5,0", over that split's share of its documents, as Megatron-LM's
+    --data-path with --split), built with BlendedMegatronDatasetBuilder and GPTDatasetConfig.
 
     split: which Megatron split the dataset is ("train", "valid" or "test"); the whole prefix goes
         to it (`blend_per_split`), as with Megatron-LM's --train-data-path/--valid-data-path.
@@ -258,6 +313,7 @@ def build_gpt_dataset(
     create_attention_mask: False (the main job and fused attention build the causal mask);
         True is Megatron-LM's default and adds a [1, s, s] bool `attention_mask` to each sample.
     path_to_cache: GPTDataset's index cache; default `gpt_cache_dir(prefix)`.
+    tokenizer: what GPTDataset reads of a tokenizer; default ByteTokenizer (the embedded corpus).
     is_built_on_rank: BlendedMegatronDatasetBuilder's hook (under torch.distributed, rank 0
         builds the cache first, then the others load it).
     Returns the GPTDataset, or None where `is_built_on_rank()` is False.
@@ -279,16 +335,18 @@ def build_gpt_dataset(
             )
     ensure_dataset_helpers()
     index = Split[split].value
-    blend_per_split = [None] * len(Split)
-    blend_per_split[index] = ([prefix], None)
+    if split_shares is None:
+        blend = {"blend_per_split": [([prefix], None) if i == index else None for i in range(len(Split))]}
+    else:
+        blend = {"blend": ([prefix], None), "split": split_shares}
     sizes = [None] * len(Split)
     sizes[index] = num_samples
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend_per_split=blend_per_split,
+        **blend,
         path_to_cache=path_to_cache or gpt_cache_dir(prefix),
-        tokenizer=ByteTokenizer(),
+        tokenizer=tokenizer if tokenizer is not None else ByteTokenizer(),
         reset_position_ids=False,  # Megatron-LM defaults (--reset-position-ids etc. off)
         reset_attention_mask=False,
         eod_mask_loss=False,

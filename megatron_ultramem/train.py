@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-backend", default="torch", choices=["torch", "dali"],
                    help="input pipeline: Megatron's sampler + torch DataLoader, or NVIDIA DALI "
                    "(pip install 'megatron-ultramem[dali]')")
+    g.add_argument("--data-path", default=None, metavar="PREFIX",
+                   help="train on a Megatron indexed dataset (PREFIX.bin + PREFIX.idx, e.g. written "
+                   "by Megatron-LM's tools/preprocess_data.py) instead of the embedded corpus; "
+                   "validation uses the --split share of its documents")
+    g.add_argument("--split", default="95,5,0",
+                   help="train,valid,test shares of --data-path's documents (Megatron-LM's --split)")
     g.add_argument("--data-workers", type=int, default=0, help="loader worker processes")
     g.add_argument("--data-prefetch", type=int, default=2, help="prefetch depth (batches)")
     g = p.add_argument_group("output")
@@ -135,6 +141,23 @@ def validate_args(args) -> None:
                 "error: --data-backend dali needs NVIDIA DALI: pip install 'megatron-ultramem[dali]' "
                 "(nvidia-dali-cuda130; nvidia-dali-cuda120 for CUDA 12 drivers)"
             )
+    if args.data_path is not None:
+        shares = args.split.split(",")
+        try:
+            values = [float(x) for x in shares]
+        except ValueError:
+            values = []
+        if len(values) != 3 or min(values) < 0 or values[0] <= 0 or values[1] <= 0:
+            raise SystemExit(
+                f"error: --split must be three non-negative shares train,valid,test with train "
+                f"and valid > 0 (e.g. 95,5,0), got {args.split!r}"
+            )
+        from .data_pipeline import inspect_indexed_prefix
+
+        try:
+            args.data_info = inspect_indexed_prefix(args.data_path, "--data-path")
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     if args.warmup_iters < 0 or args.warmup_iters >= args.train_iters:
         raise SystemExit(
             f"error: --warmup-iters must be in [0, --train-iters) = [0, {args.train_iters}), "
@@ -245,6 +268,49 @@ def _causal_mask(seq: int) -> torch.Tensor:
     return torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
 
 
+def vocab_size(args) -> int:
+    """The embedded corpus's 256 bytes, or --data-path's largest token id + 1 rounded up to a
+    multiple of 128 (Megatron-LM's --make-vocab-size-divisible-by default; TP splits the vocab)."""
+    info = getattr(args, "data_info", None)
+    if info is None:
+        from .data import VOCAB_SIZE
+
+        return VOCAB_SIZE
+    multiple = 128 * args.tensor_model_parallel_size
+    return -(-(info["max_token_id"] + 1) // multiple) * multiple
+
+
+def build_datasets(args, rank: int, dp_size: int):
+    """(train, valid) GPTDatasets: the embedded corpus written as indexed datasets (rank 0 writes,
+    atomically), or the --split shares of --data-path."""
+    from . import data, data_pipeline
+
+    train_samples = args.train_iters * args.micro_batch_size * dp_size
+    valid_samples = args.eval_iters * args.micro_batch_size * dp_size
+    if args.data_path is None:
+        corpus = data.make_corpus(seed=args.seed)
+        cache = os.path.join(args.output_dir, "data_cache", f"corpus_seed{args.seed}")
+        if rank == 0:  # atomic and idempotent
+            data_pipeline.write_indexed_corpus(corpus.train, os.path.join(cache, "train"))
+            data_pipeline.write_indexed_corpus(corpus.valid, os.path.join(cache, "valid"))
+        torch.distributed.barrier()
+        return tuple(
+            data_pipeline.build_gpt_dataset(
+                os.path.join(cache, split), args.seq_length, n, args.seed, split=split
+            )
+            for split, n in (("train", train_samples), ("valid", valid_samples))
+        )
+    tokenizer = data_pipeline.IdTokenizer(vocab_size(args))
+    cache = os.path.join(args.output_dir, "data_cache", "gpt_index")  # not beside the user's data
+    return tuple(
+        data_pipeline.build_gpt_dataset(
+            args.data_path, args.seq_length, n, args.seed, split=split, path_to_cache=cache,
+            tokenizer=tokenizer, split_shares=args.split,
+        )  # fmt: skip
+        for split, n in (("train", train_samples), ("valid", valid_samples))
+    )
+
+
 def lm_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Masked mean next-token loss of a GPTDataset micro-batch (tokens, labels, ... are [b, s])."""
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
@@ -288,7 +354,7 @@ def train(args) -> Dict:
 
     from megatron.core import parallel_state
 
-    from . import data, data_pipeline
+    from . import data_pipeline
     from .optim import UltraMemParamScheduler, param_groups
 
     validate_args(args)
@@ -298,25 +364,12 @@ def train(args) -> Dict:
     rank = torch.distributed.get_rank()
     torch.manual_seed(args.seed)
     config = make_config(args)
-    model = build_model(config, data.VOCAB_SIZE, args.seq_length)
+    model = build_model(config, vocab_size(args), args.seq_length)
     layers = memory_layers(model)
 
-    # The embedded corpus as Megatron indexed datasets, read through GPTDataset and the
-    # pretraining sampler (or DALI), exactly as a Megatron-LM run reads its data.
-    corpus = data.make_corpus(seed=args.seed)
-    cache = os.path.join(args.output_dir, "data_cache", f"corpus_seed{args.seed}")
-    if rank == 0:  # atomic and idempotent
-        data_pipeline.write_indexed_corpus(corpus.train, os.path.join(cache, "train"))
-        data_pipeline.write_indexed_corpus(corpus.valid, os.path.join(cache, "valid"))
-    torch.distributed.barrier()
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mbs = args.micro_batch_size
-    train_ds = data_pipeline.build_gpt_dataset(
-        os.path.join(cache, "train"), args.seq_length, args.train_iters * mbs * dp_size, args.seed, split="train"
-    )
-    valid_ds = data_pipeline.build_gpt_dataset(
-        os.path.join(cache, "valid"), args.seq_length, args.eval_iters * mbs * dp_size, args.seed, split="valid"
-    )
+    train_ds, valid_ds = build_datasets(args, rank, dp_size)
     train_batches = data_pipeline.build_train_iterator(
         args.data_backend, train_ds, mbs, consumed_samples=0, dp_rank=dp_rank, dp_size=dp_size,
         num_workers=args.data_workers, prefetch=args.data_prefetch,
