@@ -1,12 +1,17 @@
-"""Run an unmodified Megatron-LM `pretrain_gpt.py` with UltraMem (no patch needed).
+"""Run an unmodified Megatron-LM `pretrain_gpt.py` (or `pretrain_hybrid.py`) with UltraMem.
 
     torchrun --nproc_per_node 8 -m megatron_ultramem.megatron_lm.pretrain_gpt \
         --megatron-lm /path/to/Megatron-LM \
         <pretrain_gpt.py arguments> \
         --spec megatron_ultramem.megatron_lm ultramem_block_spec --ultramem-mode parallel ...
+    torchrun ... -m megatron_ultramem.megatron_lm.pretrain_gpt --megatron-lm /path/to/Megatron-LM \
+        --megatron-lm-script pretrain_hybrid.py <pretrain_hybrid.py arguments> \
+        --spec megatron_ultramem.megatron_lm ultramem_hybrid_stack_spec ...     (core_v0.19+)
 
 The Megatron-LM checkout comes from `--megatron-lm PATH` (taken out of the argument list) or the
-environment variable MEGATRON_LM_PATH. Before the script runs:
+environment variable MEGATRON_LM_PATH; `--megatron-lm-script NAME` picks the script (default
+pretrain_gpt.py). With megatron-core 0.19 installed, `python -m megatron_ultramem.pretrain` does the
+same job without a checkout. Before the script runs:
  1. the checkout goes first on sys.path (its `megatron.training`, `gpt_builders`, `model_provider`;
     its `megatron.core` too, so training code and core match);
  2. `install_megatron_lm_hooks(register_args=True)`: every `parse_args` of megatron.training adds
@@ -26,22 +31,28 @@ ENV_VAR = "MEGATRON_LM_PATH"
 
 def split_megatron_lm_path(argv: Sequence[str]) -> Tuple[Optional[str], List[str]]:
     """Take `--megatron-lm PATH` / `--megatron-lm=PATH` out of argv; fall back to $MEGATRON_LM_PATH."""
-    rest, path = [], None
+    path, rest = _take_option(argv, "--megatron-lm")
+    return path or os.environ.get(ENV_VAR), rest
+
+
+def _take_option(argv: Sequence[str], flag: str) -> Tuple[Optional[str], List[str]]:
+    """(value of `flag VALUE` / `flag=VALUE`, argv without it)."""
+    rest, value = [], None
     argv = list(argv)
     i = 0
     while i < len(argv):
         token = argv[i]
-        if token == "--megatron-lm":
+        if token == flag:
             if i + 1 >= len(argv):
-                raise SystemExit("--megatron-lm needs a path to a Megatron-LM checkout")
-            path, i = argv[i + 1], i + 2
+                raise SystemExit(f"{flag} needs a value")
+            value, i = argv[i + 1], i + 2
             continue
-        if token.startswith("--megatron-lm="):
-            path, i = token.split("=", 1)[1], i + 1
+        if token.startswith(flag + "="):
+            value, i = token.split("=", 1)[1], i + 1
             continue
         rest.append(token)
         i += 1
-    return path or os.environ.get(ENV_VAR), rest
+    return value, rest
 
 
 def resolve_script(path: Optional[str], script: str = "pretrain_gpt.py") -> str:
@@ -56,9 +67,9 @@ def resolve_script(path: Optional[str], script: str = "pretrain_gpt.py") -> str:
     return full
 
 
-def prepare(path: str) -> str:
+def prepare(path: str, script: str = "pretrain_gpt.py") -> str:
     """Steps 1 and 2; returns the script path."""
-    script = resolve_script(path)
+    script = resolve_script(path, script)
     root = os.path.dirname(script)
     if "megatron" in sys.modules and root not in sys.path:
         # `megatron` is a namespace package: once imported it would keep the wrong `megatron.core`.
@@ -75,7 +86,8 @@ def prepare(path: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     path, rest = split_megatron_lm_path(sys.argv[1:] if argv is None else argv)
-    script = prepare(path)
+    name, rest = _take_option(rest, "--megatron-lm-script")
+    script = prepare(path, name or "pretrain_gpt.py")
     sys.argv = [script, *rest]
     runpy.run_path(script, run_name="__main__")
 

@@ -1,6 +1,7 @@
 """Verification against real Megatron-LM on CPU (outside CI; skipped unless MEGATRON_LM_PATH is set).
 
-Runs Megatron-LM's own `pretrain_gpt.py` (core_r0.16.0) up to the model: the script's `pretrain` is
+Runs Megatron-LM's own `pretrain_gpt.py` (core_r0.16.0 or core_v0.19.0; `pretrain_hybrid.py` with
+the HybridModel spec on core_v0.19.0) up to the model: the script's `pretrain` is
 replaced by `cpu_pretrain` below, which does what Megatron's `pretrain` does before training, in
 the CPU-capable way MEGATRON_NOTES.md describes: Megatron-LM's `parse_args` (with the
 extra_args_provider the script passes) and `validate_args`, `set_global_variables(args,
@@ -21,6 +22,8 @@ Usage (see docs/megatron_lm.md):
       --variant entry --tp 2 --case parallel
   MEGATRON_LM_PATH=/tmp/mlm-patched torchrun --nproc_per_node 2 \
       tests/megatron_lm/verify_megatron_lm.py --variant patched --tp 2 --case replace
+  MEGATRON_LM_PATH=/tmp/mlm19 torchrun --nproc_per_node 2 tests/megatron_lm/verify_megatron_lm.py \
+      --variant entry --tp 2 --case hybrid-replace --builder builders
   MEGATRON_LM_PATH=/tmp/mlm python -m pytest -q tests/megatron_lm/verify_megatron_lm.py
 Each rank prints one JSON line starting with "VERIFY ".
 """
@@ -69,45 +72,62 @@ CASES = {
 # Every MoE block swapped: --num-experts stays (Megatron-LM needs it for expert parallelism), and
 # expert parallelism then splits only the memories' tables.
 CASES["moe-replace-all"] = CASES["moe-replace"][:-1] + ["1"]
+HYBRID_SPEC = ["--spec", "megatron_ultramem.megatron_lm", "ultramem_hybrid_stack_spec"]
+# core_v0.19 pretrain_hybrid.py (the later --spec wins): attention + memory layers
+CASES["hybrid-replace"] = HYBRID_SPEC + [
+    "--hybrid-layer-pattern", "*E*E", "--ultramem-mode", "replace", "--disable-bias-linear",
+]  # fmt: skip
+CASES["hybrid-parallel"] = HYBRID_SPEC + [
+    "--hybrid-layer-pattern", "*-*-", "--ultramem-mode", "parallel", "--disable-bias-linear",
+]  # fmt: skip
 EXPECTED_MEMORY_LAYERS = {
-    "parallel": [2, 4], "replace": [2, 4], "moe-replace": [2, 4], "moe-replace-all": [1, 2, 3, 4]
+    "parallel": [2, 4], "replace": [2, 4], "moe-replace": [2, 4], "moe-replace-all": [1, 2, 3, 4],
+    "hybrid-replace": [2, 4], "hybrid-parallel": [2, 4],
 }  # fmt: skip
 
 
 # ---------------------------------------------------------------------- worker (under torchrun)
 def _report(**fields):
-    print("VERIFY " + json.dumps(fields, sort_keys=True), flush=True)
+    """One line per rank, printed in rank order (ranks share stdout, where lines can interleave)."""
+    import torch.distributed as dist
+
+    for rank in range(dist.get_world_size()):
+        if rank == dist.get_rank():
+            print("VERIFY " + json.dumps(fields, sort_keys=True), flush=True)
+        dist.barrier()
 
 
-def cpu_pretrain(
-    train_valid_test_dataset_provider,
-    model_provider,
-    model_type,
-    forward_step_func,
-    *unused,
-    extra_args_provider=None,
-    args_defaults=None,
-    **unused_kw,
-):
-    """Stand-in for megatron.training.pretrain: everything up to the model, then the checks."""
-    import torch
+_BUILDER = {"name": "script"}  # which model-building path cpu_pretrain takes (worker --builder)
+
+
+def cpu_pretrain(*pretrain_args, extra_args_provider=None, args_defaults=None, **unused_kw):
+    """Stand-in for megatron.training.pretrain: everything up to the model, then the checks.
+
+    core_r0.16: pretrain(datasets_provider, model_provider, model_type, forward_step, ...,
+    extra_args_provider=, args_defaults=): parse and validate the arguments as
+    initialize_megatron does, build with the script's model_provider (gpt_builders).
+    core_v0.19: the script parsed and validated them already (parse_and_validate_args) and calls
+    pretrain(cfg_container, datasets_provider, model_type, forward_step, ...): build with the
+    container's model builder (megatron.training.models, the script's own path), or with
+    `model_provider(gpt_builder | hybrid_builder)` from the checkout (worker --builder builders).
+    """
     import torch.distributed as dist
 
     from megatron.core import mpu, tensor_parallel
+    from megatron.training import get_args
     from megatron.training import initialize as megatron_initialize
-    from megatron.training import training as megatron_training
-    from megatron.training.global_vars import set_global_variables
 
-    from megatron_ultramem.layer import UltraMemLayer
-    from megatron_ultramem.megatron_lm.hooks import UltraMemTrainingHooks, active_hooks
-    from megatron_ultramem.optim import add_value_config_overrides, is_value_group
+    container = pretrain_args[0] if hasattr(pretrain_args[0], "model") else None
+    if container is None:  # core_r0.16
+        from megatron.training.global_vars import set_global_variables
 
-    # 1. Megatron-LM's argument handling, exactly as initialize_megatron calls it.
-    args = megatron_initialize.parse_args(extra_args_provider, False)
-    megatron_initialize.validate_args(args, args_defaults or {})
-    set_global_variables(args, build_tokenizer=False)
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    args.padded_vocab_size = -(-args.vocab_size // multiple) * multiple
+        args = megatron_initialize.parse_args(extra_args_provider, False)
+        megatron_initialize.validate_args(args, args_defaults or {})
+        set_global_variables(args, build_tokenizer=False)
+        multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+        args.padded_vocab_size = -(-args.vocab_size // multiple) * multiple
+    else:
+        args = get_args()
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     mpu.initialize_model_parallel(
@@ -118,8 +138,41 @@ def cpu_pretrain(
     megatron_initialize._set_random_seed(args.seed, args.data_parallel_random_init)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)  # skipped above without a GPU
 
-    # 2. The script's model provider: gpt_builder -> import_module(args.spec) -> our spec.
-    model = model_provider(pre_process=True, post_process=True)
+    if container is None:
+        model = pretrain_args[1](pre_process=True, post_process=True)  # the script's provider
+        builder = "gpt_builders.gpt_builder (pretrain_gpt.py's model_provider)"
+    elif _BUILDER["name"] == "builders":
+        from model_provider import model_provider  # the checkout's
+
+        hybrid = type(container.model).__name__.startswith("Hybrid")
+        if hybrid:
+            from hybrid_builders import hybrid_builder as build
+        else:
+            from gpt_builders import gpt_builder as build
+        model = model_provider(build, True, True)
+        builder = f"model_provider({build.__module__}.{build.__name__})"
+    else:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        cfg = container.model
+        model = cfg.get_builder_cls()(cfg).build_model(
+            ProcessGroupCollection.use_mpu_process_groups(), True, True
+        )
+        builder = f"{type(cfg).__name__} -> {cfg.get_builder_cls().__name__} (megatron.training.models)"
+    _checks(args, model, builder)
+
+
+def _checks(args, model, builder):
+    """Forward/backward, the value param group, the scheduler, the Tucker refresh, statistics."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron.training import training as megatron_training
+
+    from megatron_ultramem.layer import UltraMemLayer
+    from megatron_ultramem.megatron_lm.hooks import UltraMemTrainingHooks, active_hooks
+    from megatron_ultramem.optim import add_value_config_overrides, is_value_group
+
     layers = [m for m in model.modules() if isinstance(m, UltraMemLayer)]
     numbers = sorted(layer.layer_number for layer in layers)
     rank = dist.get_rank()
@@ -130,9 +183,10 @@ def cpu_pretrain(
     b, s = args.micro_batch_size, args.seq_length
     tokens = torch.randint(0, args.vocab_size, (b, s + 1))
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
     hooks = UltraMemTrainingHooks(log_stats=True).attach(model)
     model.train()
-    loss = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:]).float().mean()
+    loss = model(tokens[:, :-1], position_ids, mask, labels=tokens[:, 1:]).float().mean()
     loss.backward()
     value_grad_sq = sum(float(layer.values.grad.float().pow(2).sum()) for layer in layers)
     finite = all(
@@ -206,6 +260,8 @@ def cpu_pretrain(
         scalar_names=sorted(k for k in scalars if "singular_values" not in k),
         spec=args.spec,
         ultramem_mode=args.ultramem_mode,
+        builder=builder,
+        model=type(model).__name__,
     )
     dist.barrier()
 
@@ -213,14 +269,11 @@ def cpu_pretrain(
 def _install_cpu_support():
     """CPU bits of MEGATRON_NOTES.md, applied before the script imports `pretrain`."""
     import megatron.training
-    import megatron.training.arguments as arguments
     import megatron.training.training as training
 
     from megatron_ultramem import cpu_compat
 
-    cpu_compat.enable()
-    # validate_args asks the GPU's architecture when TP > 1.
-    arguments.get_device_arch_version = lambda: 9
+    cpu_compat.enable()  # also answers validate_args' GPU-architecture query (patch 8)
     megatron.training.pretrain = cpu_pretrain
     training.pretrain = cpu_pretrain
 
@@ -231,7 +284,14 @@ def worker(argv=None):
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--case", choices=sorted(CASES), default="parallel")
+    parser.add_argument(
+        "--builder", choices=("models", "builders"), default="models",
+        help="core_v0.19: build with the config container's megatron.training.models builder (what "
+        "the scripts do) or with the checkout's model_provider(gpt_builder | hybrid_builder)",
+    )  # fmt: skip
     opts, extra = parser.parse_known_args(argv)
+    _BUILDER["name"] = opts.builder
+    script_name = "pretrain_hybrid.py" if opts.case.startswith("hybrid") else "pretrain_gpt.py"
     mlm = os.environ["MEGATRON_LM_PATH"]
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -244,12 +304,13 @@ def worker(argv=None):
     if opts.variant == "entry":
         from megatron_ultramem.megatron_lm import pretrain_gpt as entry
 
-        script = entry.prepare(mlm)  # sys.path + hooks + flag registration, as `python -m` does
+        # sys.path + hooks + flag registration, as `python -m` does
+        script = entry.prepare(mlm, script_name)
         _install_cpu_support()
         sys.argv = [script, *megatron_args]
         runpy.run_path(script, run_name="__main__")
     else:
-        script = os.path.join(mlm, "pretrain_gpt.py")
+        script = os.path.join(mlm, script_name)
         with open(script) as f:
             if "add_ultramem_args" not in f.read():
                 raise SystemExit(f"{script} is not patched: git apply patches/megatron-lm-*.patch")
@@ -264,13 +325,13 @@ MLM = os.environ.get("MEGATRON_LM_PATH")
 pytestmark = pytest.mark.skipif(not MLM, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout")
 
 
-def run_torchrun(variant, tp, case, nproc=2, mlm=None, ep=1, timeout=900):
+def run_torchrun(variant, tp, case, nproc=2, mlm=None, ep=1, timeout=900, builder="models"):
     """Launch the worker; returns {rank: report dict}."""
     env = dict(os.environ, MEGATRON_LM_PATH=mlm or MLM, CUDA_DEVICE_MAX_CONNECTIONS="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", str(29500 + tp * 10 + len(case)), __file__,
-        "--variant", variant, "--tp", str(tp), "--ep", str(ep), "--case", case,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        str(nproc), __file__, "--variant", variant, "--tp", str(tp), "--ep", str(ep),
+        "--case", case, "--builder", builder,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     reports = {}
@@ -290,10 +351,20 @@ def _check(reports, case):
         assert r["scheduler"] == "UltraMemParamScheduler"
 
 
-@pytest.mark.parametrize("case", ["parallel", "replace"])
-def test_entry_point_tp2_matches_tp1(case):
-    tp2 = run_torchrun("entry", 2, case)
-    tp1 = run_torchrun("entry", 1, case, nproc=1)
+def _is_v019():
+    return os.path.isfile(os.path.join(MLM or "", "megatron", "training", "models", "gpt.py"))
+
+
+# On a core_v0.19 checkout "models" is the scripts' own path (megatron.training.models builders)
+# and "builders" the checkout's model_provider(gpt_builder | hybrid_builder); core_r0.16 has one.
+BUILDERS = ["models", "builders"] if _is_v019() else ["models"]
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+@pytest.mark.parametrize("case", ["parallel", "replace"] + (["hybrid-replace", "hybrid-parallel"] if _is_v019() else []))
+def test_entry_point_tp2_matches_tp1(case, builder):
+    tp2 = run_torchrun("entry", 2, case, builder=builder)
+    tp1 = run_torchrun("entry", 1, case, nproc=1, builder=builder)
     _check(tp2, case)
     _check(tp1, case)
     # Same global weights (CPU init, per-column seeded table), so the same loss at TP=1 and TP=2.
