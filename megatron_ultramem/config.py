@@ -209,23 +209,92 @@ class UltraMemConfig(TransformerConfig):
                 "ultramem_value_lr_decay_rate must be > 0, got "
                 f"{self.ultramem_value_lr_decay_rate}"
             )
+        self._validate_training_features()
         if self.ultramem_mode == "skip":
             units = self.ultramem_skip_unit_list()
-            if self.recompute_granularity == "full":
-                raise ValueError(
-                    "ultramem_mode='skip' does not support recompute_granularity='full': a unit's "
-                    "output crosses layer boundaries; use 'selective' or None"
-                )
-            if self.pipeline_model_parallel_size > 1:
-                raise ValueError(
-                    "ultramem_mode='skip' needs pipeline_model_parallel_size=1 (a unit may not "
-                    f"cross a stage boundary); got {self.pipeline_model_parallel_size}. Use "
-                    "'parallel' or 'replace'."
-                )
             if not units:
                 raise ValueError("ultramem_skip_units must name at least one unit for mode 'skip'")
+            self._validate_skip_units(units)
         else:
             self.ultramem_layer_pattern()
+
+    def _validate_training_features(self) -> None:
+        """Megatron features that would silently break a memory layer: refused with the flags."""
+        modules = set(self.recompute_modules or []) if self.recompute_granularity == "selective" else set()
+        fp8 = bool(getattr(self, "fp8", None) or getattr(self, "fp4", None))
+        if fp8 and "layernorm" in modules:
+            raise ValueError(
+                "recompute_modules with 'layernorm' and fp8/fp4 cannot be combined with UltraMem "
+                "layers: Megatron then marks the MLP slot's linear_fc1 to keep its fp8 input, and "
+                "a memory slot has none; drop 'layernorm' from recompute_modules (allowed: 'mlp', "
+                "'moe', 'core_attn', ...)"
+            )
+        chunks = getattr(self, "mlp_chunks_for_training", 1)
+        if chunks > 1 and self.ultramem_aux_loss_alpha > 0:
+            raise ValueError(
+                f"mlp_chunks_for_training={chunks} calls the MLP slot once per chunk, and each call "
+                "would add the Tucker aux loss again: use mlp_chunks_for_training=1 or "
+                "ultramem_aux_loss_alpha=0"
+            )
+
+    def _validate_skip_units(self, units) -> None:
+        """Skip units carry a tensor from block i to block j inside one forward pass of one stage."""
+        if self.recompute_granularity == "full":
+            raise ValueError(
+                "ultramem_mode='skip' does not support recompute_granularity='full': a unit's "
+                "output crosses layer boundaries; use 'selective' or None"
+            )
+        modules = set(self.recompute_modules or []) if self.recompute_granularity == "selective" else set()
+        for name, why in (
+            ("mlp", "block i's slot would run under no_grad, so the memory output sent to block j "
+             "carries no gradient and the memory never trains"),
+            ("layernorm", "block i's pre-MLP norm output is freed after its MLP and recomputed only "
+             "in block i's backward, after block j's backward needs it"),
+        ):  # fmt: skip
+            if name in modules:
+                raise ValueError(
+                    f"ultramem_mode='skip' does not support recompute_modules containing {name!r}: "
+                    f"{why}; use mode 'parallel' or 'replace', or drop {name!r}"
+                )
+        for flag in ("mlp_chunks_for_prefill", "mlp_chunks_for_training"):
+            if getattr(self, flag, 1) > 1:
+                raise ValueError(
+                    f"ultramem_mode='skip' needs {flag}=1: a chunked MLP slot runs once per chunk "
+                    "and a skip unit carries one memory output per forward pass"
+                )
+        if getattr(self, "cuda_graph_impl", "none") != "none" or getattr(self, "enable_cuda_graph", False):
+            raise ValueError(
+                "ultramem_mode='skip' cannot run under CUDA graphs (cuda_graph_impl / "
+                "enable_cuda_graph): a captured layer does not run the Python hand-over of the "
+                "unit's output; use cuda_graph_impl='none' or mode 'parallel'/'replace'"
+            )
+        stages = self.ultramem_layer_stages()
+        for i, j in units:
+            if stages[i] != stages[j]:
+                raise ValueError(
+                    f"ultramem_skip_units: unit {i}:{j} crosses a pipeline stage boundary: block "
+                    f"{i} is in stage {_stage_name(stages[i])} and block {j} in stage "
+                    f"{_stage_name(stages[j])} (pipeline_model_parallel_size="
+                    f"{self.pipeline_model_parallel_size}); a unit must lie within one stage"
+                )
+
+    def ultramem_layer_stages(self) -> List[Tuple[int, int]]:
+        """(pipeline rank, virtual stage) that builds each of the num_layers blocks."""
+        from megatron.core.transformer.transformer_block import get_num_layers_to_build
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        pp = self.pipeline_model_parallel_size
+        vpp = self.virtual_pipeline_model_parallel_size or 1
+        stages = [None] * self.num_layers
+        if pp == 1 and vpp == 1:
+            return [(0, 0)] * self.num_layers
+        for rank in range(pp):
+            for vp in range(vpp):
+                vp_stage = vp if self.virtual_pipeline_model_parallel_size else None
+                offset = get_transformer_layer_offset(self, vp_stage=vp_stage, pp_rank=rank)
+                for k in range(get_num_layers_to_build(self, vp_stage=vp_stage, pp_rank=rank)):
+                    stages[offset + k] = (rank, vp)
+        return stages
 
     def ultramem_layer_pattern(self) -> List[int]:
         """The 0/1 per-layer pattern of `ultramem_layers` (modes 'replace' and 'parallel')."""
@@ -279,6 +348,11 @@ def ensure_ultramem_config(config, ultramem: Optional[Dict[str, object]] = None)
     upgraded = UltraMemConfig(**kwargs, **ultramem)
     _UPGRADED[id(config)] = (config, dict(ultramem), upgraded)
     return upgraded
+
+
+def _stage_name(stage: Tuple[int, int]) -> str:
+    rank, vp = stage
+    return f"{rank}" if vp == 0 else f"{rank} (virtual stage {vp})"
 
 
 def _choice(name: str, value, allowed) -> None:

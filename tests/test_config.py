@@ -1,6 +1,7 @@
 """Config validation: each bad value gives an error naming the field and the allowed values."""
 
 import pytest
+import torch
 
 from megatron_ultramem.config import parse_layer_pattern, parse_skip_units
 
@@ -35,6 +36,14 @@ from helpers import small_config
         (dict(tensor_model_parallel_size=4), r"ultramem_value_dim \(Dv=10\) must be divisible by tensor_model_parallel_size x expert_model_parallel_size = 4 x 1"),
         (dict(tensor_model_parallel_size=3, num_attention_heads=3, ultramem_value_dim=12), r"ultramem_num_cores \(h=2\) and tensor_model_parallel_size x expert_model_parallel_size \(3\) must divide one another"),
         (dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1), r"expert_tensor_parallel_size \(1\) must equal tensor_model_parallel_size \(2\)"),
+        # issue 11, bug 2: skip units under selective recompute / chunking / CUDA graphs
+        (dict(ultramem_mode="skip", ultramem_skip_units="0:1", recompute_granularity="selective", recompute_modules=["mlp"]), r"recompute_modules containing 'mlp': block i's slot would run under no_grad"),
+        (dict(ultramem_mode="skip", ultramem_skip_units="0:1", recompute_granularity="selective", recompute_modules=["layernorm"]), r"recompute_modules containing 'layernorm': block i's pre-MLP norm output is freed"),
+        (dict(ultramem_mode="skip", ultramem_skip_units="0:1", mlp_chunks_for_prefill=2), r"needs mlp_chunks_for_prefill=1"),
+        (dict(ultramem_mode="skip", ultramem_skip_units="0:1", cuda_graph_impl="local"), r"cannot run under CUDA graphs"),
+        # a unit across a pipeline stage boundary names the unit and both stages
+        (dict(ultramem_mode="skip", ultramem_skip_units="0:1,1:2", num_layers=4, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32), r"unit 1:2 crosses a pipeline stage boundary: block 1 is in stage 0 and block 2 in stage 1"),
+        (dict(ultramem_mode="skip", ultramem_skip_units="0:1", num_layers=4, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32), r"unit 0:1 crosses a pipeline stage boundary: block 0 is in stage 0 and block 1 in stage 1"),
     ],
 )
 def test_bad_values_are_refused_with_named_field(overrides, pattern):
@@ -54,3 +63,42 @@ def test_layer_patterns_follow_moe_layer_freq():
     assert parse_layer_pattern([0, 1], 2) == [0, 1]
     assert parse_skip_units("2:5, 6:9,10:13,14:17", 20) == [(2, 5), (6, 9), (10, 13), (14, 17)]
     assert parse_skip_units([(0, 0)], 1) == [(0, 0)]
+
+
+def test_skip_units_inside_one_pipeline_stage_are_allowed():
+    cfg = small_config(
+        num_layers=4, ultramem_mode="skip", ultramem_skip_units="0:1,2:3",
+        pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
+    )  # fmt: skip
+    assert cfg.ultramem_layer_stages() == [(0, 0), (0, 0), (1, 0), (1, 0)]
+    vpp = small_config(
+        num_layers=4, ultramem_mode="skip", ultramem_skip_units="0:0,2:2",
+        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+        pipeline_dtype=torch.float32,
+    )  # fmt: skip
+    assert vpp.ultramem_layer_stages() == [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+def test_fp8_with_layernorm_recompute_is_refused():
+    # TransformerConfig itself needs Transformer Engine >= 2.6 for this combination, so the
+    # fields are set on a built config and the plugin's own check is run on them.
+    cfg = small_config()
+    cfg.fp8, cfg.recompute_granularity, cfg.recompute_modules = "hybrid", "selective", ["layernorm"]
+    with pytest.raises(ValueError, match=r"recompute_modules with 'layernorm' and fp8/fp4 .* linear_fc1"):
+        cfg.validate_ultramem()
+
+
+def test_chunked_training_mlp_with_aux_loss_is_refused():
+    import dataclasses
+
+    from megatron_ultramem.config import UltraMemConfig
+
+    from megatron_ultramem import compat
+
+    if "mlp_chunks_for_training" not in {f.name for f in dataclasses.fields(UltraMemConfig)}:
+        # megatron-core 0.16 has no mlp_chunks_for_training; 0.19 has it (pinned here)
+        assert compat._minor(compat.megatron_core_version()) < (0, 19)
+        return
+    with pytest.raises(ValueError, match=r"mlp_chunks_for_training=2 .* aux loss again"):
+        small_config(mlp_chunks_for_training=2)
+    small_config(mlp_chunks_for_training=2, ultramem_aux_loss_alpha=0.0)  # allowed without it

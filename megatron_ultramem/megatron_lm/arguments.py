@@ -216,8 +216,11 @@ def _args_view_class():
         "ultramem_keys_per_side",
         "ultramem_num_values",
         "validate_ultramem",
+        "_validate_training_features",
+        "_validate_skip_units",
         "ultramem_layer_pattern",
         "ultramem_skip_unit_list",
+        "ultramem_layer_stages",
     )
     return type("_ArgsView", (_ArgsViewBase,), {name: cls.__dict__[name] for name in borrowed})
 

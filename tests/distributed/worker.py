@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 4 tests/distributed/worker.py checkpoint
     torchrun --nproc_per_node 2 tests/distributed/worker.py train2
     torchrun --nproc_per_node 4 tests/distributed/worker.py hybrid
+    torchrun --nproc_per_node 2 tests/distributed/worker.py pipeline
 
 Each scenario builds the single-rank layer (TP=1, EP=1) on the global batch first and compares every
 rank's slice of the parallel run against it. Layout checks run in float64 so that no top-m tie flips
@@ -418,6 +419,128 @@ def scenario_hybrid():
         load(other, path)
         close(f"hybrid {mode} checkpoint (2,2)->(1,2) logits", other(tokens, pos, mask).detach(), want)
         log(f"ok HybridModel {mode} checkpoint saved at (TP, EP)=(2, 2) loads at (1, 2), identical logits")
+
+
+def scenario_pipeline():
+    """Replace, parallel and skip-unit models at PP=2 (and PP=2 x virtual PP=2) through Megatron's
+    pipeline schedules: per-micro-batch losses and every parameter's gradient equal the PP=1
+    model's (fp64; the PP=1 weights loaded through a distributed checkpoint)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ultramem.specs import get_ultramem_decoder_block_spec
+
+    vocab, seq, mbs, n_micro = 40, 6, 2, 4
+    g = torch.Generator().manual_seed(9)
+    data = [torch.randint(0, vocab, (mbs, seq + 1), generator=g) for _ in range(n_micro)]
+    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
+    pos = torch.arange(seq).unsqueeze(0).expand(mbs, seq)
+    cases = {
+        "replace": dict(ultramem_mode="replace", ultramem_layers="[0,1,0,1]"),
+        "parallel": dict(ultramem_mode="parallel", ultramem_layers="[1,0,0,1]"),
+        "skip": dict(ultramem_mode="skip", ultramem_skip_units="0:1,2:3"),  # inside each stage
+    }
+    # with virtual stages every block is its own stage chunk: units i:i (beside block i's MLP)
+    skip_vpp = dict(ultramem_skip_units="0:0,3:3")
+    root = [tempfile.mkdtemp() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(root, src=0)
+
+    def config(case, pp, vpp=None, layout_vpp=None):
+        # batch_p2p_comm=False: with PP=2 the previous and next stage are the same peer, and the
+        # interleaved schedule posts an activation and a gradient to it at once; gloo matches
+        # batched sends by order only (NCCL by group), so unbatched ordered ops are used here.
+        return small_config(
+            torch.float64, num_layers=4, pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp, pipeline_dtype=torch.float64,
+            batch_p2p_comm=False,
+            **{**cases[case], **(skip_vpp if case == "skip" and (vpp or layout_vpp) else {})},
+        )  # fmt: skip
+
+    def chunk(cfg, vp_stage, pre, post):
+        spec = get_ultramem_decoder_block_spec(cfg, use_transformer_engine=False, vp_stage=vp_stage)
+        torch.manual_seed(0)  # the same reference weights on every rank
+        return GPTModel(
+            config=cfg, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
+            pre_process=pre, post_process=post, share_embeddings_and_output_weights=False,
+            vp_stage=vp_stage,
+        ).double()  # fmt: skip
+
+    def run(chunks):
+        def forward_step(data_iterator, model):
+            t = next(data_iterator)
+            out = model(t[:, :-1], pos, mask, labels=t[:, 1:])
+
+            def loss_func(output):
+                loss = output.double().mean()
+                return loss, {"loss": loss.detach().clone()}  # the schedule scales `loss` in place
+
+            return out, loss_func
+
+        for c in chunks:
+            c.zero_grad(set_to_none=True)
+        iters = [iter(data) for _ in chunks]
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iters if len(chunks) > 1 else iters[0],
+            model=chunks, num_microbatches=n_micro, seq_length=seq, micro_batch_size=mbs,
+            forward_only=False,
+        )  # fmt: skip
+        return [float(l["loss"]) for l in losses]
+
+    def global_grads(chunks):
+        """{checkpoint key: gradient} of this rank's parameters (keys are layout-independent)."""
+        out = {}
+        for c in chunks:
+            params = {id(p): p for p in c.parameters()}
+            for key, sh in c.sharded_state_dict().items():
+                data = getattr(sh, "data", None)
+                if isinstance(data, torch.Tensor):
+                    for p in params.values():
+                        if p.data_ptr() == data.data_ptr() and p.grad is not None and p.shape == data.shape:
+                            out[sh.key] = p.grad.detach().clone()
+        return out
+
+    for case in cases:
+        for pp, vpp in ((2, None), (2, 2)):
+            setup(1, 1)
+            ref = chunk(config(case, 1, layout_vpp=vpp), None, True, True)  # the same units
+            ref_losses = run([ref])
+            ref_grads = global_grads([ref])
+            path = os.path.join(root[0], f"{case}_{vpp}")
+            if torch.distributed.get_rank() == 0:
+                os.makedirs(path)
+            torch.distributed.barrier()
+            dist_checkpointing.save(ref.sharded_state_dict(), path)
+            torch.distributed.barrier()
+
+            if ps.model_parallel_is_initialized():
+                ps.destroy_model_parallel()
+            ps.initialize_model_parallel(1, pp, virtual_pipeline_model_parallel_size=vpp)
+            from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(1234)
+            cfg = config(case, pp, vpp)
+            rank = ps.get_pipeline_model_parallel_rank()
+            n_chunks = vpp or 1
+            chunks = []
+            for vp in range(n_chunks):
+                vp_stage = vp if vpp else None
+                pre = rank == 0 and vp == 0
+                post = rank == pp - 1 and vp == n_chunks - 1
+                chunks.append(chunk(cfg, vp_stage, pre, post))
+            for c in chunks:
+                c.load_state_dict(dist_checkpointing.load(c.sharded_state_dict(), path))
+            losses = run(chunks)
+            grads = global_grads(chunks)
+            assert grads, "no gradients on this stage"
+            for key, gr in grads.items():
+                close(f"{case} PP={pp} VPP={vpp} grad {key}", gr, ref_grads[key])
+            if ps.is_pipeline_last_stage(ignore_virtual=True):
+                for a, b in zip(losses, ref_losses):
+                    if abs(a - b) > 1e-12 * abs(b):
+                        raise AssertionError(f"{case} PP={pp} VPP={vpp}: losses {losses} vs {ref_losses}")
+            log(f"ok {case} at PP={pp}{f' x VPP={vpp}' if vpp else ''}: micro-batch losses and "
+                f"{len(grads)} parameter gradients on this stage == PP=1")  # fmt: skip
 
 
 def main():
