@@ -4,14 +4,17 @@
 on CPU in a few minutes and writes `loss_curve.png` and `metrics.json` under `--output-dir`.
 Runs single-process (gloo, world size 1) or under torchrun with tensor/expert parallelism.
 
-The loop is Megatron's shape on CPU: GPTModel from the UltraMem block spec, torch AdamW (Megatron's
-optimizer classes need CUDA) with the value table in its own param group, Megatron's
-OptimizerParamScheduler (the value group's LR follows it times the decaying value-LR multiplier),
-the Tucker SVD refresh once per optimizer step, and the Tucker aux loss injected through Megatron's
-MoEAuxLossAutoScaler.
+The loop is Megatron's training step on CPU: GPTModel from the UltraMem block spec, Megatron's
+DistributedDataParallel, its forward-backward schedule (which scales the Tucker aux loss through
+the plugin's schedule hook), Megatron's optimizer with the value table in its own param group
+(fp32, or `--bf16` through Float16Module with fp32 main params; `--use-distributed-optimizer`),
+the value-LR scheduler, and the Tucker SVD refresh once per optimizer step. `--save/--load` write
+and resume Megatron dist_checkpointing checkpoints (checkpointing.py). `--data-path PREFIX` trains
+on a Megatron indexed dataset instead of the embedded corpus.
 """
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -92,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=d["eval_interval"])
     g.add_argument("--eval-iters", type=int, default=d["eval_iters"])
     g.add_argument("--seed", type=int, default=d["seed"])
+    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    g.add_argument("--bf16", action="store_true",
+                   help="Megatron mixed precision: bf16 model (Float16Module), fp32 main params")
+    g.add_argument("--grad-reduce-in-fp32", action=argparse.BooleanOptionalAction, default=False,
+                   help="reduce gradients in fp32 (Megatron's --accumulate-allreduce-grads-in-fp32)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Megatron's DistributedOptimizer (optimizer state sharded over data parallel)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -106,9 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train,valid,test shares of --data-path's documents (Megatron-LM's --split)")
     g.add_argument("--data-workers", type=int, default=0, help="loader worker processes")
     g.add_argument("--data-prefetch", type=int, default=2, help="prefetch depth (batches)")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None, metavar="DIR", help="write checkpoints to DIR")
+    g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    g.add_argument("--load", default=None, metavar="DIR",
+                   help="resume from the latest checkpoint in DIR (with --save DIR: resume if "
+                   "there is one, else start)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="ultramem_run")
     g.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    g.add_argument("--log-interval", type=int, default=None,
+                   help="print the loss every N steps (default: at each evaluation)")
     return p
 
 
@@ -126,8 +144,36 @@ def validate_args(args) -> None:
             f"error: --hidden-size ({args.hidden_size}) must be divisible by "
             f"--num-attention-heads ({args.num_attention_heads})"
         )
+    for flag in ("lr", "min_lr", "weight_decay", "clip_grad"):
+        if not math.isfinite(getattr(args, flag)):
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
     if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise SystemExit(f"error: need 0 <= --min-lr <= --lr and --lr > 0 (got {args.min_lr}, {args.lr})")
+    if args.clip_grad < 0:
+        raise SystemExit(f"error: --clip-grad must be >= 0 (0 switches clipping off), got {args.clip_grad}")
+    for flag in ("save_interval", "log_interval"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.save_interval is not None and args.save is None:
+        raise SystemExit("error: --save-interval needs --save DIR")
+    _check_writable(args.output_dir, "--output-dir")
+    if args.save is not None:
+        _check_writable(args.save, "--save")
+    if args.load is not None:
+        from .checkpointing import CheckpointError, latest_iteration
+
+        if not os.path.isdir(args.load):
+            raise SystemExit(f"error: --load {args.load}: no such directory")
+        try:
+            found = latest_iteration(args.load)
+        except CheckpointError as err:
+            raise SystemExit(f"error: --load {args.load}: {err}") from None
+        if found is None and os.path.abspath(args.load) != os.path.abspath(args.save or ""):
+            raise SystemExit(
+                f"error: --load {args.load}: no checkpoint there (no {args.load}/"
+                "latest_checkpointed_iteration.txt); pass the --save directory of an earlier run"
+            )
     if args.data_workers < 0 or args.data_prefetch < 1:
         raise SystemExit(
             f"error: --data-workers must be >= 0 and --data-prefetch >= 1 "
@@ -163,6 +209,36 @@ def validate_args(args) -> None:
             f"error: --warmup-iters must be in [0, --train-iters) = [0, {args.train_iters}), "
             f"got {args.warmup_iters}"
         )
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """A clear error now, instead of a traceback at the first write, when `path` cannot be a
+    writable directory. Creates nothing: the nearest existing ancestor must be a writable
+    directory (or `path` itself, probed with a temporary file)."""
+    probe_dir = os.path.abspath(path)
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.path.isdir(probe_dir):
+        raise SystemExit(f"error: {flag} {path}: {probe_dir} is not a directory")
+    try:
+        probe = os.path.join(probe_dir, f".ultramem_write_probe{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise SystemExit(f"error: {flag} {path} is not writable ({err.strerror or err})") from None
+
+
+RUN_CONFIG_EXCLUDED = {
+    "output_dir", "no_progress", "load", "save", "save_interval", "threads", "data_workers",
+    "data_prefetch", "data_backend", "log_interval", "eval_interval", "eval_iters", "data_info",
+}  # fmt: skip
+"""Flags that change neither the model nor the order or content of its updates."""
+
+
+def run_config(args) -> Dict:
+    """The flags a checkpoint must match to be resumed (the model, the data order, the schedule)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RUN_CONFIG_EXCLUDED}
 
 
 def _free_port() -> int:
@@ -233,6 +309,8 @@ def make_config(args, **overrides):
         ultramem_value_lr_mult=args.ultramem_value_lr_mult,
         ultramem_impl=args.ultramem_impl,
         ultramem_seed=args.seed,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
     )
     fields.update(overrides)
     try:
@@ -347,15 +425,69 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
+def build_optimizer(args, config, ddp_model):
+    """Megatron's optimizer (fp32, or bf16 with fp32 main params; DistributedOptimizer on request)
+    with the value tables in their own param group, and the value-LR scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from .optim import UltraMemParamScheduler, add_value_config_overrides
+
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=args.clip_grad,
+        bf16=args.bf16, params_dtype=config.params_dtype,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )  # fmt: skip
+    overrides = add_value_config_overrides(
+        None, opt_config, config.ultramem_value_lr_mult, config.ultramem_value_weight_decay
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model], config_overrides=overrides)
+    scheduler = UltraMemParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.warmup_iters, lr_decay_steps=args.train_iters,
+        lr_decay_style="cosine", start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters, wd_incr_style="constant",
+        value_lr_mult=config.ultramem_value_lr_mult,
+        value_lr_decay_rate=config.ultramem_value_lr_decay_rate,
+    )  # fmt: skip
+    return optimizer, scheduler
+
+
+def forward_step(data_iterator, model):
+    """Megatron's forward_step_func for the GPT: per-token losses and the loss function."""
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = _causal_mask(tokens.shape[1])
+    output = model(tokens, batch["position_ids"], mask, labels=batch["labels"])  # [b, s]
+    return output, functools.partial(masked_loss_sum, batch["loss_mask"])
+
+
+def masked_loss_sum(loss_mask: torch.Tensor, output: torch.Tensor):
+    """(summed masked loss, token count, report): the schedule divides by the token count."""
+    mask = loss_mask.reshape(-1).float()
+    loss = (output.reshape(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), mask.sum()])}
+
+
 def train(args) -> Dict:
-    """Run the main job; returns the metrics dict that is also written to metrics.json."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    """Run the main job; returns the metrics dict that is also written to metrics.json.
 
+    Megatron's training step: DistributedDataParallel (grad buffers, finalize_model_grads), the
+    forward-backward schedule with one micro-batch, Megatron's optimizer (fp32, or bf16 through
+    Float16Module with fp32 main params), the value-LR scheduler, then the Tucker refresh.
+    """
     from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from . import data_pipeline
-    from .optim import UltraMemParamScheduler, param_groups
+    from . import checkpointing, data_pipeline
 
     validate_args(args)
     if args.threads:
@@ -366,40 +498,49 @@ def train(args) -> Dict:
     config = make_config(args)
     model = build_model(config, vocab_size(args), args.seq_length)
     layers = memory_layers(model)
+    if args.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=args.grad_reduce_in_fp32,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        model,
+    )
+    optimizer, scheduler = build_optimizer(args, config, ddp)
+    config.finalize_model_grads_func = finalize_model_grads  # DP/TP grad reductions, once a step
+    config.grad_scale_func = optimizer.scale_loss
+
+    # resume
+    start_step, history = 1, {"steps": [], "losses": [], "eval_steps": [], "eval_losses": []}
+    resumed_from = None
+    if args.load is not None:
+        found = checkpointing.latest_iteration(args.load)
+        if found is not None:
+            saved = checkpointing.read_state(args.load, found)
+            try:
+                checkpointing.check_run_config(saved["run_config"], run_config(args), args.load)
+            except checkpointing.CheckpointError as err:
+                raise SystemExit(f"error: {err}") from None
+            meta = checkpointing.load_checkpoint(args.load, found, model, optimizer, scheduler)
+            start_step, history, resumed_from = found + 1, meta["history"], found
+            for layer in layers:
+                layer.refresh_tucker_vectors()
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mbs = args.micro_batch_size
     train_ds, valid_ds = build_datasets(args, rank, dp_size)
     train_batches = data_pipeline.build_train_iterator(
-        args.data_backend, train_ds, mbs, consumed_samples=0, dp_rank=dp_rank, dp_size=dp_size,
-        num_workers=args.data_workers, prefetch=args.data_prefetch,
-    )
+        args.data_backend, train_ds, mbs, consumed_samples=(start_step - 1) * mbs * dp_size,
+        dp_rank=dp_rank, dp_size=dp_size, num_workers=args.data_workers, prefetch=args.data_prefetch,
+    )  # fmt: skip
     valid = list(itertools.islice(
         data_pipeline.build_train_iterator("torch", valid_ds, mbs, 0, dp_rank, dp_size), args.eval_iters
-    ))
-
-    optimizer = torch.optim.AdamW(
-        param_groups(model, args.weight_decay, config.ultramem_value_weight_decay),
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-    )
-    scheduler = UltraMemParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.warmup_iters,
-        lr_decay_steps=args.train_iters,
-        lr_decay_style="cosine",
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-        value_lr_mult=config.ultramem_value_lr_mult,
-        value_lr_decay_rate=config.ultramem_value_lr_decay_rate,
-    )
-    assert isinstance(scheduler, OptimizerParamScheduler)
-    # One micro-batch per step: the aux-loss gradient has the main loss's scale (1 / microbatches).
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    ))  # fmt: skip
+    forward_backward = get_forward_backward_func()
 
     def evaluate() -> float:
         model.eval()
@@ -408,61 +549,77 @@ def train(args) -> Dict:
         model.train()
         return val
 
-    os.makedirs(args.output_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     n_values = sum(p.numel() for p in model.parameters() if getattr(p, "is_ultramem_value", False))
     tokens_per_step = args.micro_batch_size * args.seq_length
-    steps, losses, eval_steps, eval_losses = [], [], [], []
+    steps, losses = history["steps"], history["losses"]
+    eval_steps, eval_losses = history["eval_steps"], history["eval_losses"]
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=args.train_iters, desc="ultramem", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=args.train_iters, initial=start_step - 1, desc="ultramem",
+                        unit="step", dynamic_ncols=True)  # fmt: skip
     start = time.perf_counter()
-    model.train()
-    scheduler.step(1)  # Megatron steps the scheduler after each iteration; start at step 1 LR
-    for step in range(1, args.train_iters + 1):
-        loss = lm_loss(model, next(train_batches))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+    ddp.train()
+    if start_step == 1:
+        scheduler.step(1)  # Megatron steps the scheduler after each iteration; start at step 1 LR
+    for step in range(start_step, args.train_iters + 1):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(
+            forward_step_func=forward_step, data_iterator=train_batches, model=[ddp],
+            num_microbatches=1, seq_length=args.seq_length, micro_batch_size=mbs,
+            forward_only=False,
+        )  # fmt: skip
+        ok, grad_norm, _ = optimizer.step()
         scheduler.step(1)
-        for layer in layers:
-            layer.refresh_tucker_vectors()
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"non-finite loss {loss.item()} at step {step}")
+        if ok:
+            for layer in layers:
+                layer.refresh_tucker_vectors()
+        loss_sum, count = reports[0]["lm loss"].tolist()
+        loss = loss_sum / count
+        if not math.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss} at step {step}")
         steps.append(step)
-        losses.append(loss.item())
+        losses.append(loss)
         if step % args.eval_interval == 0 or step == args.train_iters:
             eval_steps.append(step)
             eval_losses.append(evaluate())
+        if args.save is not None and args.save_interval and step % args.save_interval == 0:
+            checkpointing.save_checkpoint(args.save, step, model, optimizer, scheduler, {
+                "run_config": run_config(args), "consumed_samples": step * mbs * dp_size,
+                "history": {"steps": steps, "losses": losses, "eval_steps": eval_steps,
+                            "eval_losses": eval_losses},
+            })  # fmt: skip
+            if rank == 0 and progress is None:
+                print(f"saved checkpoint iteration {step} to {args.save}", flush=True)
+        elapsed = time.perf_counter() - start
+        rate = (step - start_step + 1) * tokens_per_step / elapsed
         if progress is not None:
-            elapsed = time.perf_counter() - start
             progress.set_postfix(
-                loss=f"{loss.item():.3f}",
-                val=f"{eval_losses[-1]:.3f}" if eval_losses else "-",
-                tok_s=f"{step * tokens_per_step / elapsed:,.0f}",
-                gnorm=f"{float(grad_norm):.2f}",
-            )
+                loss=f"{loss:.3f}", val=f"{eval_losses[-1]:.3f}" if eval_losses else "-",
+                tok_s=f"{rate:,.0f}", gnorm=f"{float(grad_norm or 0):.2f}",
+            )  # fmt: skip
             progress.update(1)
-        elif rank == 0 and eval_steps and eval_steps[-1] == step:
-            elapsed = time.perf_counter() - start
-            print(
-                f"step {step}/{args.train_iters} loss {loss.item():.3f} val {eval_losses[-1]:.3f} "
-                f"tok/s {step * tokens_per_step / elapsed:,.0f}",
-                flush=True,
-            )
+        elif rank == 0 and (
+            (args.log_interval and step % args.log_interval == 0)
+            or (not args.log_interval and eval_steps and eval_steps[-1] == step)
+        ):
+            val = f" val {eval_losses[-1]:.3f}" if eval_steps and eval_steps[-1] == step else ""
+            print(f"step {step}/{args.train_iters} loss {loss:.4f}{val} tok/s {rate:,.0f}", flush=True)
     wall = time.perf_counter() - start
     if progress is not None:
         progress.close()
+    trained = args.train_iters - start_step + 1
 
     metrics = {
         "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
         "final_valid_loss": eval_losses[-1],
         "initial_train_loss": losses[0],
         "train_iters": args.train_iters,
-        "tokens_per_second": args.train_iters * tokens_per_step / wall,
+        "resumed_from_iteration": resumed_from,
+        "tokens_per_second": trained * tokens_per_step / wall if trained else None,
         "wall_seconds": wall,
         "parameters": n_params,
         "value_table_parameters": n_values,
@@ -473,6 +630,7 @@ def train(args) -> Dict:
         "versions": _versions(),
     }
     if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
         png = os.path.join(args.output_dir, "loss_curve.png")
         title = f"GPT {args.num_layers}L/{args.hidden_size}d + UltraMem ({args.ultramem_mode})"
         _atomic_write(png, lambda tmp: _plot(tmp, steps, losses, eval_steps, eval_losses, title))
@@ -481,8 +639,10 @@ def train(args) -> Dict:
             lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2, default=str)),
         )
         print(
-            f"done: {args.train_iters} steps in {wall:.1f}s, {metrics['tokens_per_second']:,.0f} tok/s, "
-            f"train loss {losses[0]:.3f} -> {metrics['final_train_loss']:.3f}, "
+            f"done: {args.train_iters} steps in {wall:.1f}s"
+            + (f" (resumed after {resumed_from})" if resumed_from else "")
+            + (f", {metrics['tokens_per_second']:,.0f} tok/s" if trained else "")
+            + f", train loss {losses[0]:.3f} -> {metrics['final_train_loss']:.3f}, "
             f"valid loss {metrics['final_valid_loss']:.3f}; wrote {png} and metrics.json",
             flush=True,
         )
