@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 tests/distributed/worker.py train2
     torchrun --nproc_per_node 4 tests/distributed/worker.py hybrid
     torchrun --nproc_per_node 2 tests/distributed/worker.py pipeline
+    torchrun --nproc_per_node 2 tests/distributed/worker.py optimizer
 
 Each scenario builds the single-rank layer (TP=1, EP=1) on the global batch first and compares every
 rank's slice of the parallel run against it. Layout checks run in float64 so that no top-m tie flips
@@ -541,6 +542,88 @@ def scenario_pipeline():
                         raise AssertionError(f"{case} PP={pp} VPP={vpp}: losses {losses} vs {ref_losses}")
             log(f"ok {case} at PP={pp}{f' x VPP={vpp}' if vpp else ''}: micro-batch losses and "
                 f"{len(grads)} parameter gradients on this stage == PP=1")  # fmt: skip
+
+
+def scenario_optimizer():
+    """Megatron's DistributedOptimizer with the value table's own param group (LR multiplier) gives
+    the parameters of plain Megatron DDP + Adam after a few steps, with data parallelism alone and
+    with EP=2 (the values then sit in the expert-parallel optimizer). fp32 parameters and Megatron's
+    fp32 main grads (grad_reduce_in_fp32): both optimizers do the same arithmetic on the same
+    gradients, up to the order of the DP reduction (reduce-scatter vs all-reduce), i.e. fp32
+    rounding of one addition per step, 1e-6 after Adam's normalisation."""
+    from megatron.core.distributed import (
+        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+    )  # fmt: skip
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ultramem.optim import UltraMemParamScheduler, add_value_config_overrides, is_value_group
+    from megatron_ultramem.specs import get_ultramem_decoder_block_spec
+
+    vocab, seq, mbs, steps = 40, 8, 2, 3
+    g = torch.Generator().manual_seed(4)
+    data = [torch.randint(0, vocab, (2 * mbs, seq + 1), generator=g) for _ in range(steps)]
+    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
+    pos = torch.arange(seq).unsqueeze(0).expand(mbs, seq)
+
+    def train(ep, distributed):
+        setup(1, ep)
+        cfg = small_config(
+            num_layers=2, ultramem_mode="parallel", ultramem_layers="[0,1]", ultramem_value_dim=12,
+            expert_model_parallel_size=ep,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = GPTModel(config=cfg, transformer_layer_spec=get_ultramem_decoder_block_spec(cfg, False),
+                         vocab_size=vocab, max_sequence_length=seq)  # fmt: skip
+        ddp = DistributedDataParallel(
+            cfg, DistributedDataParallelConfig(
+                use_distributed_optimizer=distributed, grad_reduce_in_fp32=True,
+                average_in_collective=True,
+            ), model,
+        )  # fmt: skip
+        oc = OptimizerConfig(optimizer="adam", lr=3e-3, min_lr=3e-4, weight_decay=0.1,
+                             use_distributed_optimizer=distributed, clip_grad=0.0)  # fmt: skip
+        opt = get_megatron_optimizer(oc, [ddp], config_overrides=add_value_config_overrides(None, oc, 4.0))
+        sched = UltraMemParamScheduler(
+            opt, init_lr=0.0, max_lr=3e-3, min_lr=3e-4, lr_warmup_steps=0, lr_decay_steps=10,
+            lr_decay_style="linear", start_wd=0.1, end_wd=0.1, wd_incr_steps=10,
+            wd_incr_style="constant", value_lr_mult=4.0,
+        )  # fmt: skip
+        value_groups = [gr for gr in opt.param_groups if is_value_group(gr)]
+        assert value_groups, "no value-table param group"
+        other = [gr for gr in opt.param_groups if not is_value_group(gr)]
+        assert abs(value_groups[0]["lr"] - 4.0 * other[0]["lr"]) < 1e-12, (value_groups[0]["lr"], other[0]["lr"])
+        cfg.finalize_model_grads_func = finalize_model_grads
+        rank = ps.get_data_parallel_rank()
+
+        def forward_step(data_iterator, m):
+            t = next(data_iterator)
+            out = m(t[:, :-1], pos, mask, labels=t[:, 1:])
+            return out, lambda o: (o.float().mean(), {"loss": o.float().mean().detach()})
+
+        for tokens in data:
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter([tokens[rank * mbs : (rank + 1) * mbs]]), model=[ddp],
+                num_microbatches=1, seq_length=seq, micro_batch_size=mbs, forward_only=False,
+            )  # fmt: skip
+            ok, _, _ = opt.step()
+            assert ok
+            sched.step(1)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    for ep in (1, 2):
+        plain = train(ep, False)
+        dist = train(ep, True)
+        for name, p in plain.items():
+            if not torch.allclose(dist[name], p, rtol=1e-5, atol=1e-6):
+                err = (dist[name] - p).abs().max().item()
+                raise AssertionError(f"EP={ep}: {name} differs after {steps} steps ({err:.2e})")
+        log(f"ok DistributedOptimizer == Megatron DDP + Adam after {steps} steps at DP=2, EP={ep} "
+            f"({len(plain)} parameters, value table in its own param group at 4x LR)")  # fmt: skip
 
 
 def main():
