@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 4 tests/distributed/worker.py hybrid
     torchrun --nproc_per_node 2 tests/distributed/worker.py pipeline
     torchrun --nproc_per_node 2 tests/distributed/worker.py optimizer
+    torchrun --nproc_per_node 2 tests/distributed/worker.py gradnorm
 
 Each scenario builds the single-rank layer (TP=1, EP=1) on the global batch first and compares every
 rank's slice of the parallel run against it. Layout checks run in float64 so that no top-m tie flips
@@ -624,6 +625,59 @@ def scenario_optimizer():
                 raise AssertionError(f"EP={ep}: {name} differs after {steps} steps ({err:.2e})")
         log(f"ok DistributedOptimizer == Megatron DDP + Adam after {steps} steps at DP=2, EP={ep} "
             f"({len(plain)} parameters, value table in its own param group at 4x LR)")  # fmt: skip
+
+
+def scenario_gradnorm():
+    """The global gradient norm Megatron's optimizer computes (and clips with) at TP=2 equals the
+    single-rank model's: the TP-sharded value table and output projection count on every TP rank,
+    the replicated retrieval parameters once (Megatron skips TP duplicates). A table shard not
+    tagged tensor_model_parallel would be counted on TP rank 0 only: a smaller norm."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_ultramem.specs import get_ultramem_decoder_block_spec
+
+    vocab, seq, batch = 40, 8, 2
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
+    pos = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    root = [tempfile.mkdtemp() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(root, src=0)
+
+    def grad_norm(tp, load=None, save=None):
+        setup(tp, 1)
+        cfg = small_config(num_layers=2, ultramem_mode="parallel", ultramem_layers="[0,1]",
+                           ultramem_value_dim=12, tensor_model_parallel_size=tp)  # fmt: skip
+        torch.manual_seed(0)
+        model = GPTModel(config=cfg, transformer_layer_spec=get_ultramem_decoder_block_spec(cfg, False),
+                         vocab_size=vocab, max_sequence_length=seq)  # fmt: skip
+        if load is not None:
+            model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), load))
+        if save is not None:  # the weights before any update
+            if torch.distributed.get_rank() == 0:
+                os.makedirs(save)
+            torch.distributed.barrier()
+            dist_checkpointing.save(model.sharded_state_dict(), save)
+            torch.distributed.barrier()
+        ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1e9), [ddp])
+        ddp.zero_grad_buffer()
+        loss = ddp(tokens[:, :-1], pos, mask, labels=tokens[:, 1:]).float().mean()
+        loss.backward()
+        ddp.finish_grad_sync()
+        _, norm, _ = opt.step()
+        return float(norm)
+
+    path = os.path.join(root[0], "tp1")
+    ref_norm = grad_norm(1, save=path)
+    # the TP=1 run has DP=2 over identical data: its norm is the single-model norm
+    tp2_norm = grad_norm(2, load=path)
+    # fp32 gradients summed in another order over TP: relative 1e-5
+    if abs(tp2_norm - ref_norm) > 1e-5 * ref_norm:
+        raise AssertionError(f"grad norm at TP=2 {tp2_norm} != TP=1 {ref_norm}")
+    log(f"ok global grad norm at TP=2 ({tp2_norm:.6f}) == TP=1 ({ref_norm:.6f})")
 
 
 def main():
