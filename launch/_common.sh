@@ -1,20 +1,23 @@
 # Shared by train_single_node.sh, train_multi_node.sh and train_slurm.sbatch (sourced, not run).
 #
 # Environment:
-#   MEGATRON_LM_PATH        Megatron-LM checkout (e.g. branch core_r0.16.0)             [required]
+#   MEGATRON_LM_PATH        Megatron-LM checkout (e.g. branch core_r0.16.0); not needed with
+#                           ULTRAMEM_ENTRY=plugin                                       [required]
 #   PYTHON                  Python that has megatron_ultramem installed               [python]
 #   ULTRAMEM_MODE           parallel | replace (how a MoE block becomes a memory)     [parallel]
 #   ULTRAMEM_CONVERT_ARGS   extra options of the converter, e.g. "--ultramem-topm 64"   []
 #   ULTRAMEM_ENTRY          module: python -m megatron_ultramem.megatron_lm.pretrain_gpt (no patch)
-#                           patched: $MEGATRON_LM_PATH/pretrain_gpt.py with the patch  [module]
+#                           patched: $MEGATRON_LM_PATH/pretrain_gpt.py with the patch
+#                           plugin: python -m megatron_ultramem.pretrain (megatron-core >= 0.19,
+#                           no checkout)                                               [module]
 #   DRY_RUN=1 (or --dry-run as first argument)  print the command instead of running it
 
 ULTRAMEM_ROOT="${ULTRAMEM_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 PYTHON="${PYTHON:-python}"
 
 ultramem_require_megatron_lm() {
-    if [[ -z "${MEGATRON_LM_PATH:-}" ]]; then
-        echo "error: set MEGATRON_LM_PATH to a Megatron-LM checkout" >&2
+    if [[ "${ULTRAMEM_ENTRY:-module}" != "plugin" && -z "${MEGATRON_LM_PATH:-}" ]]; then
+        echo "error: set MEGATRON_LM_PATH to a Megatron-LM checkout, or ULTRAMEM_ENTRY=plugin (megatron-core >= 0.19)" >&2
         exit 2
     fi
 }
@@ -33,7 +36,8 @@ ultramem_entry() {
     case "${ULTRAMEM_ENTRY:-module}" in
         module) ULTRAMEM_ENTRY_CMD=(-m megatron_ultramem.megatron_lm.pretrain_gpt --megatron-lm "$MEGATRON_LM_PATH") ;;
         patched) ULTRAMEM_ENTRY_CMD=("$MEGATRON_LM_PATH/pretrain_gpt.py") ;;
-        *) echo "error: ULTRAMEM_ENTRY must be module or patched, got ${ULTRAMEM_ENTRY}" >&2; exit 2 ;;
+        plugin) ULTRAMEM_ENTRY_CMD=(-m megatron_ultramem.pretrain) ;;
+        *) echo "error: ULTRAMEM_ENTRY must be module, patched or plugin, got ${ULTRAMEM_ENTRY}" >&2; exit 2 ;;
     esac
 }
 

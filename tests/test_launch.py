@@ -176,6 +176,12 @@ def test_single_node_dry_run():
     )
     cmd = torchrun_line(proc.stdout)
     assert "/opt/Megatron-LM/pretrain_gpt.py" in cmd and flag_value(cmd, "--ultramem-topm") == "48"
+    # megatron-core 0.19: the plugin's own pretrain entry, no checkout needed
+    proc = dry_run("train_single_node.sh", SMALL, DRY_RUN="1", ULTRAMEM_ENTRY="plugin",
+                   MEGATRON_LM_PATH="")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    cmd = torchrun_line(proc.stdout)
+    assert cmd[cmd.index("-m") + 1] == "megatron_ultramem.pretrain" and "--megatron-lm" not in cmd
 
 
 def test_multi_node_dry_run():
