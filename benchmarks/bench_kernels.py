@@ -70,8 +70,10 @@ def topm_phase2_floor(T, H, m, r, h, elt):
     """Phase 2 (fused): read the [T, H, m, r] candidate rows and columns, write m winner indices.
 
     bytes = 2*T*H*m*r*elt + T*H*m*8;  FLOPs = T*H*(2*m*r*r + 2*m*m*r) (grid) -- the radix select's
-    compares are not counted. The reference also writes and re-reads the [T, H, m, m] grid
-    (2*T*H*m*m*elt more bytes, plus torch.topk's own passes).
+    compares are not counted (they, not bytes or FLOPs, bound both kernels: expect far above the
+    floor). The reference also writes and re-reads the [T, H, m, m] grid (2*T*H*m*m*elt more
+    bytes, plus torch.topk's own passes). The tiled kernel (m > 128) adds its scratch traffic,
+    ~2*T*H*1.3m*(4 + 4) bytes on random data.
     """
     nbytes = 2 * T * H * m * r * elt + T * H * m * IDX_BYTES
     return nbytes, T * H * (2 * m * r * r + 2 * m * m * r)
@@ -80,7 +82,7 @@ def topm_phase2_floor(T, H, m, r, h, elt):
 FLOOR_FORMULAS = [
     "gather fwd: bytes = T*M*Dv*elt + T*M*(16 + h*s_elt) + T*E*Dv*elt; FLOPs = 2*T*M*Dv",
     "gather bwd (into fp32 main_grad): bytes = T*E*Dv*elt + T*M*Dv*elt + T*M*(16 + 2*h*s_elt)"
-    " + 2*U*Dv*4 (U = distinct rows <= T*M, counted as T*M); FLOPs = 4*T*M*Dv;"
+    " + 2*U*Dv*4 (U = distinct rows of the benchmark's draw); FLOPs = 4*T*M*Dv;"
     " a dense values grad adds N*Dv*(8 + elt)",
     "topm phase 2: bytes = 2*T*H*m*r*elt + 8*T*H*m; FLOPs = T*H*(2*m*r^2 + 2*m^2*r);"
     " the reference adds 2*T*H*m^2*elt for the grid",
@@ -104,6 +106,32 @@ def time_fn(fn, device, reps):
     return samples[len(samples) // 2]
 
 
+def l2_bytes(device):
+    """The device's L2 size (60 MB on an H200), or 32 MB where unknown (CPU smoke)."""
+    if device == "cuda":
+        return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    return 32 << 20
+
+
+class Rotating:
+    """Cycle a call through several input sets whose touched bytes together exceed 2x the L2, so a
+    repetition never finds the previous repetition's data in cache (do_bench also flushes the L2
+    between repetitions; this keeps the numbers honest without relying on that)."""
+
+    def __init__(self, make, touched_bytes, device, max_sets=64):
+        self.n = max(1, min(max_sets, -(-2 * l2_bytes(device) // max(1, touched_bytes))))
+        self.sets = [make(i) for i in range(self.n)]
+        self.i = 0
+
+    def __call__(self, fn):
+        def call():
+            args = self.sets[self.i % self.n]
+            self.i += 1
+            return fn(*args)
+
+        return call
+
+
 def gather_inputs(T, M, N, Dv, E, h, dtype, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     rows = torch.randint(0, N, (T, M), device=device, generator=g)
@@ -114,15 +142,27 @@ def gather_inputs(T, M, N, Dv, E, h, dtype, device, seed=0):
 
 
 def bench_gather(T, M, N, Dv, E, h, dtype, device, reps):
+    """Forward and backward at training sizes. The reference (fp32 [T, M, Dv] temporaries, three
+    of them in its backward) is skipped above 2^31 gathered elements: it would not fit."""
     rows, blocks, scores, values = gather_inputs(T, M, N, Dv, E, h, dtype, device)
+    with_reference = T * M * Dv <= 2**31
     elt = values.element_size()
     grad = torch.randn(T, E, Dv, device=device, dtype=dtype)
     out = []
 
     fb, ff = gather_fwd_floor(T, M, Dv, E, h, elt, scores.element_size())
-    t_k = time_fn(lambda: KG.gather_pool_forward(rows, blocks, scores, values, E), device, reps)
-    t_r = time_fn(lambda: R.weighted_gather_pool(rows, blocks, scores, values, E), device, reps)
-    out.append(("gather fwd", fb, ff, {"triton": t_k, "reference": t_r}))
+
+    def selections(i):  # fresh rows/blocks/scores per set, the same table
+        r, b, s, _ = gather_inputs(T, M, 1, 1, E, h, dtype, device, seed=1000 + i)
+        return (torch.randint_like(r, N), b, s)
+
+    rot = Rotating(selections, fb, device, max_sets=8)
+    t_k = time_fn(rot(lambda r, b, s: KG.gather_pool_forward(r, b, s, values, E)), device, reps)
+    times = {"triton": t_k}
+    if with_reference:
+        ref = rot(lambda r, b, s: R.weighted_gather_pool(r, b, s, values, E))
+        times["reference"] = time_fn(ref, device, reps)
+    out.append(("gather fwd", fb, ff, times, {}))
     if E == 1 and h == 1:  # the same math as a weighted-sum embedding_bag
         w = scores[..., 0].contiguous()
         t_e = time_fn(
@@ -130,7 +170,8 @@ def bench_gather(T, M, N, Dv, E, h, dtype, device, reps):
         )
         out[-1][3]["embedding_bag"] = t_e
 
-    bb, bf = gather_bwd_floor(T, M, Dv, E, h, elt, scores.element_size())
+    distinct = int(torch.unique(rows).numel())  # rows whose fp32 gradient is read-modify-written
+    bb, bf = gather_bwd_floor(T, M, Dv, E, h, elt, scores.element_size(), distinct_rows=distinct)
     main_grad = torch.zeros(N, Dv, device=device, dtype=torch.float32)
     t_main = time_fn(
         lambda: KG.gather_pool_backward(
@@ -149,30 +190,59 @@ def bench_gather(T, M, N, Dv, E, h, dtype, device, reps):
         device,
         reps,
     )
-    s_ref, v_ref = scores.clone().requires_grad_(), values.clone().requires_grad_()
-    pooled_ref = R.weighted_gather_pool(rows, blocks, s_ref, v_ref, E)
-    t_rb = time_fn(
-        lambda: torch.autograd.grad(pooled_ref, (s_ref, v_ref), grad, retain_graph=True),
-        device,
-        reps,
-    )
-    out.append(
-        (
-            "gather bwd",
-            bb,
-            bf,
-            {
-                "triton main_grad": t_main,
-                "triton dense": t_dense,
-                "triton sorted": t_det,
-                "reference": t_rb,
-            },
+    times = {"triton main_grad": t_main, "triton dense": t_dense, "triton sorted": t_det}
+    if with_reference:
+        s_ref, v_ref = scores.clone().requires_grad_(), values.clone().requires_grad_()
+        pooled_ref = R.weighted_gather_pool(rows, blocks, s_ref, v_ref, E)
+        times["reference"] = time_fn(
+            lambda: torch.autograd.grad(pooled_ref, (s_ref, v_ref), grad, retain_graph=True),
+            device,
+            reps,
         )
-    )
+        del pooled_ref
+    out.append(("gather bwd", bb, bf, times, {}))
     return out
 
 
-def bench_topm(T, H, n_side, r, h, m, dtype, device, reps):
+def bench_gather_decode(T, M, N, Dv, E, h, dtype, device, reps, variants=None):
+    """Forward at decode sizes: the launch table's choice against fixed configurations.
+
+    variants: {name: dict(block_d=, split=, unroll=, num_warps=)} (None entries = the table's);
+    default: the table ("auto") and the pre-split kernel's configuration ("unsplit": split 1,
+    the widest block, unroll 4). Inputs rotate over sets whose touched rows exceed 2x the L2.
+    """
+    values = torch.randn(N, Dv, device=device, dtype=dtype)
+    elt = values.element_size()
+    fb, ff = gather_fwd_floor(T, M, Dv, E, h, elt, 4)
+    widest = KG._block_d(Dv, max(16, min(256, 4096 // KG._next_pow2(E))))
+    variants = variants or {
+        "auto": {},
+        "unsplit": dict(block_d=widest, split=1, unroll=4),
+    }
+
+    def selections(i):
+        r, b, s, _ = gather_inputs(T, M, 1, 1, E, h, torch.float32, device, seed=2000 + i)
+        return (torch.randint_like(r, N), b, s)
+
+    rot = Rotating(selections, fb, device)
+    times, configs = {}, {}
+    for name, kw in variants.items():
+        cfg = KG.forward_config(T, M, Dv, E, elt, KG.num_sms(device))
+        configs[name] = {k: kw.get(k) or getattr(cfg, k) for k in cfg._fields}
+        times[name] = time_fn(
+            rot(lambda r, b, s, kw=kw: KG.gather_pool_forward(r, b, s, values, E, **kw)),
+            device,
+            reps,
+        )
+    times["reference"] = time_fn(
+        rot(lambda r, b, s: R.weighted_gather_pool(r, b, s, values, E)), device, reps
+    )
+    return [("gather fwd decode", fb, ff, times, configs)]
+
+
+def bench_topm(T, H, n_side, r, h, m, dtype, device, reps, impls=("auto",), reference=True):
+    """Phase 2 alone (kernel impls vs the reference's grid + topk) and end to end (phase 1 in
+    torch). The reference is skipped when its [T, H, m, m] grid would exceed 2^31 elements."""
     g = torch.Generator(device=device).manual_seed(1)
     s_row = torch.randn(T, H, n_side, r, device=device, dtype=dtype, generator=g)
     s_col = torch.randn(T, H, n_side, r, device=device, dtype=dtype, generator=g)
@@ -183,19 +253,33 @@ def bench_topm(T, H, n_side, r, h, m, dtype, device, reps):
     sr = torch.gather(s_row, 2, i_row[..., None].expand(T, H, m, r)).contiguous()
     sc = torch.gather(s_col, 2, i_col[..., None].expand(T, H, m, r)).contiguous()
     csum = cores.float().sum(1)
+    reference = reference and T * H * m * m <= 2**31
 
     def ref_phase2():
         grid = torch.einsum("thar,hrs,thbs->thab", sr, cores.sum(1), sc)
         return torch.topk(grid.reshape(T, H, m * m), m, dim=-1).indices
 
     fb, ff = topm_phase2_floor(T, H, m, r, h, s_row.element_size())
-    t_k = time_fn(lambda: KT.phase2_select(sr, sc, csum, m), device, reps)
-    t_r = time_fn(ref_phase2, device, reps)
-    t_kf = time_fn(lambda: KT.tucker_topm_fused(s_row, s_col, cores, u, v, m), device, reps)
-    t_rf = time_fn(lambda: R.tucker_topm(s_row, s_col, cores, u, v, m), device, reps)
+    phase2, extra = {}, {}
+    for impl in impls:
+        name = "triton" if impl == "auto" else f"triton {impl}"
+        if impl == "register" and m > KT.REGISTER_MAX_M:
+            continue
+        phase2[name] = time_fn(
+            lambda impl=impl: KT.phase2_select(sr, sc, csum, m, impl=impl), device, reps
+        )
+        if impl in ("tiled",) or (impl == "auto" and m > KT.REGISTER_MAX_M):
+            _, status = KT.phase2_select(sr, sc, csum, m, impl="tiled", return_status=True)
+            extra[f"{name} fallback fraction"] = status.float().mean().item()
+    if reference:
+        phase2["reference"] = time_fn(ref_phase2, device, reps)
+    args = (s_row, s_col, cores, u, v, m)
+    full = {"triton": time_fn(lambda: KT.tucker_topm_fused(*args), device, reps)}
+    if reference:
+        full["reference"] = time_fn(lambda: R.tucker_topm(*args), device, reps)
     return [
-        ("topm phase 2", fb, ff, {"triton": t_k, "reference": t_r}),
-        ("topm end to end (phase 1 in torch)", None, None, {"triton": t_kf, "reference": t_rf}),
+        ("topm phase 2", fb, ff, phase2, extra),
+        ("topm end to end (phase 1 in torch)", None, None, full, {}),
     ]
 
 
@@ -204,7 +288,7 @@ def fmt_rows(results):
         "| kernel | shape | bytes floor | FLOPs | impl | time | GB/s vs floor | x reference |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for shape, name, nbytes, flops, times in results:
+    for shape, name, nbytes, flops, times, _ in results:
         ref = times.get("reference")
         for impl, t in times.items():
             gbs = f"{nbytes / t / 1e9:.2f}" if nbytes else "-"
@@ -233,7 +317,11 @@ def main():
             (4, 8, 64, 32, 4, 2, torch.float32),
             (4, 8, 64, 32, 1, 1, torch.float32),  # the embedding_bag-equivalent case
         ]
-        topm_shapes = [(2, 2, 24, 2, 2, 8, torch.float32)]  # (T, H, n', r, h, m, dtype)
+        decode_shapes = [(1, 40, 64, 32, 4, 2, torch.float32)]  # splits at T=1
+        topm_shapes = [  # (T, H, n', r, h, m, dtype)
+            (2, 2, 24, 2, 2, 8, torch.float32),
+            (1, 1, 140, 2, 2, 129, torch.float32),  # the tiled kernel
+        ]
     else:
         reps = 0
         gather_shapes = [
@@ -241,18 +329,30 @@ def main():
             (8192, 160, 1 << 20, 1024, 1, 1, torch.bfloat16),  # embedding_bag-equivalent
             (8192, 160, 1 << 20, 1024, 16, 2, torch.bfloat16),  # E=16: the ALU-heavy end
         ]
-        topm_shapes = [(8192, 2, 1616, 2, 2, m, torch.bfloat16) for m in (32, 80, 128)]
+        decode_shapes = [  # v1 M = 2*80 and v2 M = 2*768 at decode batch sizes
+            (T, M, 1 << 20, 1024, 4, 2, torch.bfloat16)
+            for M in (160, 1536)
+            for T in (1, 16, 64, 256)
+        ]
+        topm_shapes = [
+            (8192, 2, 1616, 2, 2, m, torch.bfloat16) for m in (32, 80, 128, 256, 768, 1024)
+        ]
 
     t_start = time.perf_counter()
     results = []
     for T, M, N, Dv, E, h, dtype in gather_shapes:
         shape = f"T={T} M={M} N={N} Dv={Dv} E={E} h={h} {str(dtype)[6:]}"
-        for name, nb, fl, times in bench_gather(T, M, N, Dv, E, h, dtype, device, reps):
-            results.append((shape, name, nb, fl, times))
+        for row in bench_gather(T, M, N, Dv, E, h, dtype, device, reps):
+            results.append((shape, *row))
+    for T, M, N, Dv, E, h, dtype in decode_shapes:
+        shape = f"T={T} M={M} N={N} Dv={Dv} E={E} h={h} {str(dtype)[6:]}"
+        for row in bench_gather_decode(T, M, N, Dv, E, h, dtype, device, reps):
+            results.append((shape, *row))
     for T, H, n_side, r, h, m, dtype in topm_shapes:
         shape = f"T={T} H={H} n'={n_side} r={r} h={h} m={m} {str(dtype)[6:]}"
-        for name, nb, fl, times in bench_topm(T, H, n_side, r, h, m, dtype, device, reps):
-            results.append((shape, name, nb, fl, times))
+        impls = ("register", "tiled") if m <= KT.REGISTER_MAX_M else ("tiled",)
+        for row in bench_topm(T, H, n_side, r, h, m, dtype, device, reps, impls=impls):
+            results.append((shape, *row))
     table = fmt_rows(results)
     elapsed = time.perf_counter() - t_start
 

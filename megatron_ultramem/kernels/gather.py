@@ -5,15 +5,34 @@ Math (oracle: `reference.weighted_gather_pool`):
 with core(c) = c // (Dv / h). rows, blocks: [T, M]; scores: [T, M, h]; values: [N, Dv];
 pooled: [T, E, Dv].
 
+Floors (each input read once, each output written once; elt = table bytes, s_elt = score bytes):
+    forward   bytes = T*M*Dv*elt + T*M*(16 + h*s_elt) + T*E*Dv*elt,  FLOPs = 2*T*M*Dv
+    backward  bytes = T*E*Dv*elt + T*M*Dv*elt + T*M*(16 + 2*h*s_elt) + 2*U*Dv*4 (U <= min(T*M, N)
+              distinct rows, read-modify-write of an fp32 gradient), FLOPs = 4*T*M*Dv;
+              a dense values gradient adds N*Dv*(8 + elt) (zero-fill, read, cast).
+That is ~1 FLOP per byte against an fp32 CUDA-core ridge of ~14 FLOP per byte (H200 datasheet:
+67 TFLOP/s over 4.8 TB/s): memory-bound, except that the forward's one-hot FMA multiplies its
+arithmetic by E_PAD (below). benchmarks/bench_kernels.py uses the same formulas (`*_floor`).
+
 Design trade-off.
-- Forward: one program per (token, Dv-block). It walks the token's M selections, reads each selected
-  row slice once (UNROLL independent row loads in flight per iteration, so the loop is not
-  latency-bound) and adds the score-weighted row into an fp32 [E_PAD, BLOCK_D] register tile with a
-  one-hot FMA (E is a constexpr). The output is written once. Bytes are at the floor (rows read once,
-  output written once); the price is E_PAD FMAs per loaded element. Estimate, not yet measured: with
-  ~E_PAD + 4 instructions per 2-byte bf16 element against an H200 ridge of ~8 per byte, E <= 4 stays
-  memory-bound and E = 16 turns ALU-bound (a variant that sorts each token's selections by block
-  would remove the E factor at the cost of that sort). benchmarks/gpu_check.py measures it.
+- Forward: one program per (token, Dv-block, selection split). It walks its chunk of the token's M
+  selections, reads each selected row slice once (UNROLL independent row loads in flight per
+  iteration, so the loop is not latency-bound) and adds the score-weighted row into an fp32
+  [E_PAD, BLOCK_D] register tile with a one-hot FMA (E is a constexpr). The output is written
+  once. Bytes are at the floor (rows read once, output written once); the price is E_PAD FMAs per
+  loaded element. Estimate, not yet measured: with ~E_PAD + 4 instructions per 2-byte bf16 element
+  against an H200 ridge of ~8 per byte, E <= 4 stays memory-bound and E = 16 turns ALU-bound (a
+  variant that sorts each token's selections by block would remove the E factor at the cost of
+  that sort). benchmarks/gpu_check.py measures it.
+- Forward at decode sizes (`forward_config`): T programs per Dv block fill few SMs when T is small
+  (T = 1, Dv = 1024: 4 programs on 132 SMs, each a chain of M/UNROLL dependent rounds of DRAM
+  latency; UltraMemV2's M = 2 * 768 makes that chain long even at T = 64). The table first
+  narrows BLOCK_D (down to 128-byte row segments), then splits the M selections over SPLIT
+  programs that write fp32 partial tiles into a [SPLIT, T, E, Dv] workspace, summed in split
+  order by `_split_reduce_kernel` (deterministic; one more launch).
+  Extra bytes: 2*SPLIT*T*E*Dv*4 with SPLIT*T*cdiv(Dv, BLOCK_D) < 64*SMs by construction, i.e.
+  < 64*SMs*E_PAD*BLOCK_D*4 (8.7 MB at E = 4, bf16, 132 SMs): L2-resident, so HBM bytes stay at
+  the floor. Large T takes the single-pass path unchanged (SPLIT = 1, direct store in values.dtype).
 - Backward, grad_scores: one program per tile of BLOCK_K flattened selections; it loops over Dv,
   gathering the value rows and the matching grad_pooled rows and reducing their product per core.
 - Backward, grad_values: default = the same program atomically adds score * grad_pooled rows into an
@@ -31,8 +50,9 @@ Accumulation is fp32 (fp64 for fp64 tables), like the reference. The ops are reg
 with `register_fake` and `register_autograd`, so torch.compile traces around them.
 """
 
+import functools
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -49,7 +69,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAVE_TRITON = False
 
-__all__ = ["gather_pool", "HAVE_TRITON"]
+__all__ = ["gather_pool", "HAVE_TRITON", "forward_config", "ForwardLaunch"]
 
 _NAMESPACE = "megatron_ultramem"
 # Test-only debug switch: outputs are pre-filled with NaN (integer outputs with -1) so an element the
@@ -77,6 +97,10 @@ def empty_output(*shape, dtype, device) -> torch.Tensor:
     if os.environ.get(_POISON_ENV, "0") not in ("", "0"):
         out.fill_(float("nan") if out.is_floating_point() else -1)
     return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _next_pow2(x: int) -> int:
@@ -111,10 +135,12 @@ if HAVE_TRITON:
         blocks_ptr,  # [T, M] int64
         scores_ptr,  # [T, M, H_CORES]
         values_ptr,  # [N, Dv]
-        out_ptr,  # [T, E, Dv]
+        out_ptr,  # [T, E, Dv] output, or [SPLIT, T, E, Dv] ACC workspace when split
+        T,
         M,
         Dv,
         DH,  # columns per core slice, Dv // H_CORES
+        CHUNK,  # selections per split (M when not split)
         E: tl.constexpr,
         E_PAD: tl.constexpr,
         H_CORES: tl.constexpr,
@@ -125,16 +151,19 @@ if HAVE_TRITON:
     ):
         t = tl.program_id(0).to(tl.int64)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        split = tl.program_id(2).to(tl.int64)  # selections [split * CHUNK, (split + 1) * CHUNK)
         mask_d = offs_d < Dv
         core_d = offs_d // DH  # MCS slice of each column
         e_idx = tl.arange(0, E_PAD)
         acc = tl.zeros((E_PAD, BLOCK_D), dtype=ACC)
+        k_lo = split * CHUNK
+        k_hi = tl.minimum(k_lo + CHUNK, M)
         first = t * M
-        for k0 in range(0, M, UNROLL):
+        for k0 in range(k_lo, k_hi, UNROLL):
             # Unrolled so UNROLL row loads are independent and in flight together.
             for u in tl.static_range(UNROLL):
                 k = k0 + u
-                valid = k < M
+                valid = k < k_hi
                 # Column limit 0 past the last selection: the scalar condition folded into the
                 # vector mask (a `vector & scalar-bool` mask breaks the interpreter).
                 d_lim = tl.where(valid, Dv, 0)
@@ -151,9 +180,26 @@ if HAVE_TRITON:
                 # One-hot FMA into the selection's virtual block (E_PAD x BLOCK_D, no reductions).
                 hit = (e_idx == blk).to(ACC)  # [E_PAD]
                 acc += hit[:, None] * (s_col * v)[None, :]
-        out_offs = (t * E + e_idx[:, None]) * Dv + offs_d[None, :]  # [E_PAD, BLOCK_D]
+        out_offs = ((split * T + t) * E + e_idx[:, None]) * Dv + offs_d[None, :]  # [E_PAD, BLOCK_D]
         out_mask = (e_idx[:, None] < E) & mask_d[None, :]
         tl.store(out_ptr + out_offs, _cast_for_store(acc, out_ptr, RNE_BY_HAND), mask=out_mask)
+
+    @triton.jit
+    def _split_reduce_kernel(
+        ws_ptr,  # [SPLIT, n] ACC partial sums
+        out_ptr,  # [n] output dtype
+        n,
+        SPLIT,
+        BLOCK: tl.constexpr,
+        RNE_BY_HAND: tl.constexpr,
+    ):
+        """out = sum of the splits' partial sums, in split order (deterministic), cast once."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+        for s in range(1, SPLIT):
+            acc += tl.load(ws_ptr + s * n + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, _cast_for_store(acc, out_ptr, RNE_BY_HAND), mask=mask)
 
     @triton.jit
     def _gather_pool_bwd_kernel(
@@ -278,6 +324,68 @@ def _check_inputs(rows, blocks, scores, values) -> Tuple[int, int, int, int, int
     return T, M, N, Dv, h
 
 
+DEFAULT_SMS = 132  # H200 / H100 SXM: the table's SM count where no CUDA device is visible
+PROGRAMS_PER_SM = 32  # Hopper's resident-CTA limit: small forward programs can all be resident
+
+
+class ForwardLaunch(NamedTuple):
+    """Launch parameters of the forward kernel (see `forward_config`)."""
+
+    block_d: int
+    split: int  # programs per (token, Dv block), each over a contiguous chunk of the M selections
+    unroll: int
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def forward_config(
+    T: int, M: int, Dv: int, E: int, elt: int, sms: int = DEFAULT_SMS
+) -> ForwardLaunch:
+    """The forward's launch table: block size, selection split and unroll per shape.
+
+    Reasoning (Little's law; benchmarks/gpu_check.py times the table against fixed alternatives,
+    not yet done on a GPU): the gather is a chain of dependent DRAM round trips per program (M /
+    UNROLL of them), so its speed is the bytes in flight per SM. Keeping HBM3e busy takes
+    ~bandwidth x latency / SMs ~ 4.8 TB/s x ~0.7 us / 132 ~ 25 KB per SM in flight.
+    - BLOCK_D: the widest of 16..256 columns whose fp32 [E_PAD, BLOCK_D] tile has <= 4096 elements
+      (registers) while T * cdiv(Dv, BLOCK_D) programs reach TARGET = PROGRAMS_PER_SM * sms;
+      below that, halved down to 128-byte row segments (one full cache line per row and program).
+    - SPLIT: if the programs still fall short of TARGET (T < 264 at Dv = 1024 in bf16: decode
+      batches), each token's M selections are split into chunks of
+      >= 2 * UNROLL, each program writing an fp32 partial [E, BLOCK_D] tile into a
+      [SPLIT, T, E, Dv] workspace that a second kernel sums in split order (deterministic) and
+      casts. The workspace is < 2 * TARGET * E_PAD * BLOCK_D * 4 bytes (8.7 MB at E = 4, bf16,
+      132 SMs): it stays in the 60 MB L2, so the extra traffic is not HBM traffic.
+    - UNROLL: 8 for tiles of <= 512 elements (1 warp, 2 elements per thread per row: cheap to
+      double the loads in flight), else 4. 32 resident 1-warp programs x 8 x 128 B = 32 KB/SM.
+    """
+    target = PROGRAMS_PER_SM * sms
+    e_pad = _next_pow2(E)
+    bd = _block_d(Dv, max(16, min(256, 4096 // e_pad)))
+    bd_min = min(bd, max(16, 128 // elt))
+    while bd > bd_min and T * _cdiv(Dv, bd) < target:
+        bd //= 2
+    tile = e_pad * bd
+    unroll = 8 if tile <= 512 else 4
+    num_warps = 4 if tile >= 2048 else (2 if tile > 512 else 1)
+    programs = max(1, T * _cdiv(Dv, bd))
+    split = 1
+    if programs < target:
+        split = max(1, min(_cdiv(target, programs), M // (2 * unroll)))
+    return ForwardLaunch(bd, split, unroll, num_warps)
+
+
 def gather_pool_forward(
     rows: torch.Tensor,
     blocks: torch.Tensor,
@@ -285,25 +393,42 @@ def gather_pool_forward(
     values: torch.Tensor,
     E: int,
     block_d: Optional[int] = None,
-    unroll: int = 4,
+    unroll: Optional[int] = None,
+    split: Optional[int] = None,
+    num_warps: Optional[int] = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel: -> [T, E, Dv] in values.dtype. No autograd."""
+    """Launch the forward kernel: -> [T, E, Dv] in values.dtype. No autograd.
+
+    block_d / unroll / split / num_warps override `forward_config`'s table (benchmarks, tests).
+    """
     T, M, N, Dv, h = _check_inputs(rows, blocks, scores, values)
     assert 1 <= E <= 64, f"E={E}: the [E, BLOCK_D] accumulator tile lives in registers"
     rows, blocks, scores, values = (x.contiguous() for x in (rows, blocks, scores, values))
     out = empty_output(T, E, Dv, dtype=values.dtype, device=values.device)
-    if T == 0 or Dv == 0:
+    if T == 0 or Dv == 0 or M == 0:
         return out.zero_()
-    e_pad = _next_pow2(E)
-    # Keep the fp32 tile at <= 4096 elements per program (E_PAD * BLOCK_D).
-    bd = block_d or _block_d(Dv, max(16, min(256, 4096 // e_pad)))
-    grid = (T, triton.cdiv(Dv, bd))
-    _gather_pool_fwd_kernel[grid](
-        rows, blocks, scores, values, out, M, Dv, Dv // h,
-        E=E, E_PAD=e_pad, H_CORES=h, BLOCK_D=bd, UNROLL=unroll,
-        ACC=_TL_ACC[_accum_dtype(values.dtype)], RNE_BY_HAND=_interpreting(),
-        num_warps=4 if e_pad * bd >= 2048 else 2,
+    cfg = forward_config(T, M, Dv, E, values.element_size(), num_sms(values.device))
+    bd = block_d or cfg.block_d
+    unroll = unroll or cfg.unroll
+    split = max(1, min(split or cfg.split, M))
+    chunk = triton.cdiv(M, split)
+    split = triton.cdiv(M, chunk)  # no empty splits
+    acc = _accum_dtype(values.dtype)
+    rne = _interpreting()
+    if num_warps is None:
+        tile = _next_pow2(E) * bd
+        num_warps = 4 if tile >= 2048 else (2 if tile > 512 else 1)  # forward_config's rule
+    dest = out if split == 1 else empty_output(split, T, E, Dv, dtype=acc, device=values.device)
+    _gather_pool_fwd_kernel[(T, triton.cdiv(Dv, bd), split)](
+        rows, blocks, scores, values, dest, T, M, Dv, Dv // h, chunk,
+        E=E, E_PAD=_next_pow2(E), H_CORES=h, BLOCK_D=bd, UNROLL=unroll,
+        ACC=_TL_ACC[acc], RNE_BY_HAND=rne, num_warps=num_warps,
     )  # fmt: skip
+    if split > 1:
+        n = T * E * Dv
+        _split_reduce_kernel[(triton.cdiv(n, 1024),)](
+            dest, out, n, split, BLOCK=1024, RNE_BY_HAND=rne, num_warps=4
+        )
     return out
 
 

@@ -6,6 +6,9 @@ inputs, so no near-ties), and the differentiable tail is then the reference's ow
 bf16/fp16: the reference rounds the grid to the input dtype before its top-m, the kernel scores in
 fp32, so winners legitimately differ; we compare both against float64 with the STYLE.md rule
 kernel_err <= 2 * torch_err + ATOL[dtype].
+Two kernels: the register kernel (m <= REGISTER_MAX_M) and the tiled one (m up to MAX_M). The
+`tiled` fixture lowers REGISTER_MAX_M to 0 so that the small cases also run the tiled kernel; the
+m > 128 cases run it as the layer does. Its exact fallback is forced with a scratch smaller than m.
 """
 
 import pytest
@@ -29,6 +32,23 @@ CASES = [
     (2, 2, 20, 3, 2, 13),
     (1, 1, 40, 2, 2, 40),
 ]
+
+
+# m > REGISTER_MAX_M (the tiled kernel by default). Odd m; m = n' (phase 1 keeps everything, so the
+# result is the brute-force top-m of the whole grid); interpreter cost ~1-4 s per (token, head).
+LARGE_CASES = [
+    (2, 1, 140, 2, 2, 129),
+    (1, 1, 131, 3, 1, 131),
+    (1, 2, 300, 2, 2, 257),
+]
+
+
+@pytest.fixture(params=["register", "tiled"])
+def kernel(request, monkeypatch):
+    """Run the test once per phase-2 kernel (the tiled one at small m by lowering the limit)."""
+    if request.param == "tiled":
+        monkeypatch.setattr(TM, "REGISTER_MAX_M", 0)
+    return request.param
 
 
 def _ids(case):
@@ -69,7 +89,7 @@ def check_valid(virtual, case):
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_matches_reference_exactly(case, dtype):
+def test_matches_reference_exactly(case, dtype, kernel):
     T, H, n, r, h, m = case
     s_row, s_col, cores, u, v = make_inputs(case, dtype)
     sr_k, sc_k, c_k = leaves(s_row, s_col, cores)
@@ -92,7 +112,7 @@ def test_matches_reference_exactly(case, dtype):
 
 @pytest.mark.parametrize("case", CASES[:3], ids=_ids)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_against_float64(case, dtype):
+def test_low_precision_against_float64(case, dtype, kernel):
     T, H, n, r, h, m = case
     s_row, s_col, cores, u, v = make_inputs(case, dtype, seed=1)
     x64 = [x.double() for x in (s_row, s_col, cores)]  # exact upcast of the same inputs
@@ -132,7 +152,7 @@ def test_low_precision_against_float64(case, dtype):
         assert ek <= 2 * et + ATOL[dtype], (name, ek, et)
 
 
-def test_full_candidate_set_is_brute_force():
+def test_full_candidate_set_is_brute_force(kernel):
     """m = n': phase 1 keeps every row and column, so TDQKR is the exact top-m of the whole grid."""
     case = (3, 2, 7, 2, 2, 7)
     s_row, s_col, cores, u, v = make_inputs(case, torch.float32, seed=2)
@@ -142,7 +162,7 @@ def test_full_candidate_set_is_brute_force():
     torch.testing.assert_close(scores, scores_bf)
 
 
-def test_ties():
+def test_ties(kernel):
     """Integer-valued scores (many exact ties): m distinct winners, the exact top-m multiset, in
     non-increasing order (tie order may differ from torch.topk's)."""
     case = (4, 2, 12, 2, 1, 11)
@@ -161,7 +181,7 @@ def test_ties():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_adjacent_floats_and_odd_ties(dtype):
+def test_adjacent_floats_and_odd_ties(dtype, kernel):
     """Scores one ulp apart, and a tie at a key with its lowest bit set: exercises the last bit of
     the radix select (random data almost never does). With r = m = n', s_col = I and C = I, phase 1
     keeps everything and the candidate grid is the free matrix S = s_row[0, 0], so any score
@@ -183,9 +203,14 @@ def test_adjacent_floats_and_odd_ties(dtype):
         assert torch.equal(scores.reshape(-1), picked)
 
 
-def test_m_above_tile_limit_uses_reference():
+def test_m_above_kernel_limit_uses_reference(monkeypatch):
     case = (1, 1, TM.MAX_M + 2, 1, 1, TM.MAX_M + 1)
     s_row, s_col, cores, u, v = make_inputs(case, torch.float32, seed=4)
+
+    def no_kernel(*args):
+        raise AssertionError("the kernel must not run above MAX_M")
+
+    monkeypatch.setattr(TM, "_phase2_select_op", no_kernel)
     got = tucker_topm_fused(s_row, s_col, cores, u, v, case[-1])
     want = R.tucker_topm(s_row, s_col, cores, u, v, case[-1])
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -214,3 +239,144 @@ def test_torch_compile():
 def test_kernel_path_is_exercised():
     """Guard: these tests run the Triton kernels (CUDA or interpreter), not the fallbacks."""
     assert G.use_triton(torch.empty(1, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- tiled, m > 128
+def phase1_candidates(case, dtype, seed):
+    """Phase-1 candidates as the wrapper builds them: [T, H, m, r] rows/columns + summed core."""
+    T, H, n, r, h, m = case
+    s_row, s_col, cores, u, v = make_inputs(case, dtype, seed=seed)
+    i_row = torch.topk(torch.einsum("thar,hr->tha", s_row, u), m, dim=-1).indices
+    i_col = torch.topk(torch.einsum("thbr,hr->thb", s_col, v), m, dim=-1).indices
+    sr = torch.gather(s_row, 2, i_row[..., None].expand(T, H, m, r))
+    sc = torch.gather(s_col, 2, i_col[..., None].expand(T, H, m, r))
+    return sr, sc, cores.sum(1)
+
+
+def exact_order(sr, sc, csum, m):
+    """Brute force in float64: every cell's score, stably sorted descending (ties: ascending
+    cell), first m. Exact when the scores are exact in float64 (integers, or the same rounding
+    as the kernel's)."""
+    T, H = sr.shape[:2]
+    grid = torch.einsum("thar,hrs,thbs->thab", sr.double(), csum.double(), sc.double())
+    flat = grid.reshape(T, H, m * m)
+    return torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :m]
+
+
+@pytest.mark.parametrize("case", LARGE_CASES, ids=_ids)
+def test_large_m_matches_reference_exactly(case):
+    """m > 128 through the public entry point (tiled kernel, no monkeypatching), fp32: the same
+    winners in the same order as the reference, per-core scores and gradients identical."""
+    T, H, n, r, h, m = case
+    assert m > TM.REGISTER_MAX_M
+    s_row, s_col, cores, u, v = make_inputs(case, torch.float32, seed=20)
+    sr_k, sc_k, c_k = leaves(s_row, s_col, cores)
+    virtual, scores = tucker_topm_fused(sr_k, sc_k, c_k, u, v, m)
+    check_valid(virtual, case)
+    sr_r, sc_r, c_r = leaves(s_row, s_col, cores)
+    virtual_ref, scores_ref = R.tucker_topm(sr_r, sc_r, c_r, u, v, m)
+    assert torch.equal(virtual, virtual_ref)
+    torch.testing.assert_close(scores, scores_ref, rtol=0, atol=0)  # same ops on the same winners
+    grad = torch.randn(scores.shape, generator=torch.Generator().manual_seed(21)).to(DEVICE)
+    scores.backward(grad)
+    scores_ref.backward(grad)
+    for got, want in ((sr_k, sr_r), (sc_k, sc_r), (c_k, c_r)):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+    if n == m:  # phase 1 keeps every row and column: TDQKR is the brute-force top-m
+        top, _ = R.brute_force_topm(s_row, s_col, cores, m)
+        assert torch.equal(torch.sort(virtual, -1).values, torch.sort(top, -1).values)
+
+
+def test_large_m_float64_and_scratch_path():
+    """fp64 at odd m > 128 on phase-1 ordered data: the scratch path (status 0) is what runs, and
+    its result is the float64 brute force over the candidate grid (same rounding: equal cells)."""
+    case = (2, 1, 200, 2, 2, 131)
+    sr, sc, csum = phase1_candidates(case, torch.float64, seed=22)
+    top, status = TM.phase2_select(sr, sc, csum, 131, return_status=True)
+    assert (status == 0).all()
+    # Different summation order from the einsum: compare scores, not cells, to the last ulps.
+    grid = torch.einsum("thar,hrs,thbs->thab", sr, csum, sc).reshape(2, 1, -1)
+    got = torch.gather(grid, 2, top)
+    want = torch.topk(grid, 131, dim=-1).values
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)  # fp64 rounding of r=2 products
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_large_m_low_precision_against_float64(dtype):
+    """bf16/fp16 at m = 129: kernel (fp32 scores) vs reference (grid rounded to dtype), both
+    against the float64 best, STYLE.md rule (as test_low_precision_against_float64)."""
+    case = (1, 1, 150, 2, 2, 129)
+    T, H, n, r, h, m = case
+    s_row, s_col, cores, u, v = make_inputs(case, dtype, seed=23)
+    x64 = [x.double() for x in (s_row, s_col, cores)]
+    i_row = torch.topk(torch.einsum("thar,hr->tha", s_row, u), m, dim=-1).indices
+    i_col = torch.topk(torch.einsum("thbr,hr->thb", s_col, v), m, dim=-1).indices
+    cand = (i_row[..., :, None] * n + i_col[..., None, :]).reshape(T, H, m * m)
+    best = torch.topk(winner_scores(*x64, cand).sum(-1), m, dim=-1).values  # descending
+
+    def selection_err(fn):
+        virtual, _ = fn(s_row, s_col, cores, u, v, m)
+        check_valid(virtual, case)
+        achieved = torch.sort(winner_scores(*x64, virtual).sum(-1), -1, descending=True).values
+        return (achieved - best).abs().max().item()
+
+    ek, et = selection_err(tucker_topm_fused), selection_err(R.tucker_topm)
+    assert ek <= 2 * et + ATOL[dtype], (ek, et)
+
+
+@pytest.mark.parametrize("m", [1, 5, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_tiled_fallback_is_exact(m, dtype):
+    """A scratch smaller than m forces the exact whole-grid fallback (status 1) in every program;
+    it must equal the scratch path and the stable float64 brute force (cells, in order)."""
+    case = (1, 2, max(m, 17), 2, 2, m)  # the fallback costs ~70 grid passes: 2 programs only
+    sr, sc, csum = phase1_candidates(case, dtype, seed=24 + m)
+    fast, st_fast = TM.phase2_select(sr, sc, csum, m, impl="tiled", return_status=True)
+    slow, st_slow = TM.phase2_select(
+        sr, sc, csum, m, impl="tiled", cap=m - 1, return_status=True
+    )
+    assert (st_fast == 0).all() and (st_slow == 1).all()
+    assert torch.equal(fast, slow)
+    if dtype == torch.float64:  # the kernel's fp64 scores round like the einsum's (r = 2): cells
+        assert torch.equal(fast, exact_order(sr, sc, csum, m))
+
+
+@pytest.mark.parametrize("impl,cap", [("register", None), ("tiled", None), ("tiled", 4)])
+def test_tie_rule_is_exact(impl, cap):
+    """Small integer scores (exact in fp32, heavy ties): every kernel path returns exactly the
+    stable brute-force order, i.e. descending score with ties by ascending cell."""
+    T, H, m, r = 2, 2, 9, 2
+    g = torch.Generator().manual_seed(25)
+    sr = torch.randint(-2, 3, (T, H, m, r), generator=g).float().to(DEVICE)
+    sc = torch.randint(-2, 3, (T, H, m, r), generator=g).float().to(DEVICE)
+    csum = torch.randint(0, 3, (H, r, r), generator=g).float().to(DEVICE)
+    top, status = TM.phase2_select(sr, sc, csum, m, impl=impl, cap=cap, return_status=True)
+    assert torch.equal(top, exact_order(sr, sc, csum, m))
+    if cap is not None:
+        assert (status == 1).all()
+
+
+def test_no_candidate_grid_is_allocated():
+    """At m > 128 no torch tensor of T*H*m*m elements (the reference's grid) is created: the
+    largest allocation is the phase-1 scores, the [T*H, CAP] scratch or the per-core tail's
+    [T*H*m, h*r*r] einsum intermediate."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(x, torch.Tensor):
+                    self.largest = max(self.largest, x.numel())
+            return out
+
+    case = (2, 1, 140, 2, 2, 129)
+    T, H, n, r, h, m = case
+    s_row, s_col, cores, u, v = make_inputs(case, torch.float32, seed=26)
+    with LargestTensor() as mode:
+        virtual, _ = tucker_topm_fused(s_row, s_col, cores, u, v, m)
+    check_valid(virtual, case)
+    cap = TM.tiled_config(m)["CAP_PAD"]
+    assert mode.largest <= max(T * H * n * r, T * H * cap, T * H * m * h * r * r) < T * H * m * m
