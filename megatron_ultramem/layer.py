@@ -7,7 +7,9 @@ goes. The two stages are public seams that the tests and the Triton kernels repl
     aggregate(indices, scores)    -> [T, D]
 
 Config fields read: every `ultramem_*` field of UltraMemConfig, plus hidden_size, num_layers,
-params_dtype, and (through linear_out) the tensor-parallel settings.
+params_dtype, perform_initialization, use_cpu_initialization, init_model_with_meta_device, and
+(through linear_out) the tensor-parallel settings. Backends: ultramem_impl='auto' runs the Triton
+kernels on CUDA and cpu_path.py on the CPU; 'reference' runs reference.py's oracle everywhere.
 
 Parameters (global shapes; `parallel.py` says how they are split over TP x EP ranks):
     query_weight  [2K, D]        replicated, tiny (like a MoE router)
@@ -17,8 +19,10 @@ Parameters (global shapes; `parallel.py` says how they are split over TP x EP ra
     linear_out    [D, Dv*E]      column-sharded with the values; its input is the pooled values
                                  laid out Dv-major ([T, Dv, E] flattened) so that a Dv slice of the
                                  table maps to a contiguous shard of linear_out's input dim.
-Buffers (saved in checkpoints): permutation [E*N] (IVE's fixed pi), tucker_u/v [H, r].
-All of them are drawn from per-(layer, tensor, column) seeded streams, so every layout holds
+Buffers (saved in checkpoints): permutation [E*N] int32 (IVE's fixed pi; int64 beyond 2^31
+entries), tucker_u/v [H, r].
+Parameters are drawn on their own device from a counter-based hash of (seed, layer, tensor,
+global row, global column), pi from a per-layer torch.Generator stream, so every layout holds
 exactly its slice of the same global tensors.
 """
 
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from . import compat, parallel, reference
+from . import aux_loss, compat, cpu_path, parallel, reference
 from .config import UltraMemConfig
 
 
@@ -52,6 +56,102 @@ def _generator(seed: int, layer_index: int, salt: int) -> torch.Generator:
     )
 
 
+# ---------------------------------------------------------------------- counter-based init RNG
+# Parameters are drawn from a hash of (seed, layer, tensor, global row, global column): element
+# (i, j) of a tensor's global [rows, columns] view is the same number whichever rank draws it, on
+# whichever device, in whichever order, so a TP x EP layout holds exactly its column slice of the
+# single-rank tensors, and a shard is drawn on its own device in a few vectorized passes (no host
+# loop over columns, no full host copy). The hash works on 32-bit words held in int64 tensors and
+# never overflows int64 (see _mul32), so CPU and CUDA give the same integers; the float transform
+# (Box-Muller in float64) can differ in the last bit between devices.
+_M32 = 0xFFFFFFFF
+_SALT = {"query": 1, "keys_row": 2, "cores": 3, "keys_col": 4, "values": 5, "out": 6}
+"""One stream id per tensor (the permutation uses the torch.Generator stream of salt 0)."""
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for x in [0, 2^32): c split in 16-bit halves keeps products below 2^49."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(x):
+    """MurmurHash3's 32-bit finalizer: a bijection of [0, 2^32) with full avalanche. Works on
+    Python ints and on int64 tensors alike."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _stream_keys(seed: int, layer_index: int, salt: int) -> Tuple[int, ...]:
+    """Four 32-bit keys (row and column key of two independent lanes) of one tensor's stream."""
+    k = _fmix32((seed & _M32) ^ _fmix32(((seed >> 32) & _M32) ^ _fmix32(layer_index & _M32)))
+    return tuple(_fmix32(k ^ _fmix32((salt * 4 + lane) & _M32)) for lane in range(4))
+
+
+def _fmix32_(x: torch.Tensor) -> torch.Tensor:
+    """_fmix32 in place on an int64 tensor of 32-bit words (fewer temporaries)."""
+    for shift, c in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        x ^= x >> shift
+        hi = x * (c >> 16)
+        hi &= 0xFFFF
+        hi <<= 16
+        x *= c & 0xFFFF
+        x += hi
+        x &= _M32
+    x ^= x >> 16
+    return x
+
+
+def _hash_bits(keys, rows: torch.Tensor, cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two independent 32-bit words per (row, col): rows [R, 1], cols [1, C] int64 -> [R, C] x 2."""
+    return tuple(
+        _fmix32_(_fmix32(rows ^ keys[2 * lane]) ^ _fmix32(cols ^ keys[2 * lane + 1]))
+        for lane in range(2)
+    )
+
+
+# Elements per pass: on the CPU a few int64 temporaries of 512 KiB stay in cache (4x faster than
+# 32 MiB passes, measured); on an accelerator large passes amortize the launches.
+_CHUNK = {"cpu": 1 << 16}
+_CHUNK_DEFAULT = 1 << 24
+
+
+@torch.no_grad()
+def _hash_fill(out: torch.Tensor, keys, kind: str, col_offset: int = 0, scale: float = 1.0) -> None:
+    """Fill `out` (viewed as [rows, columns], last dim = columns) in place with scale * N(0, 1)
+    (kind 'normal', Box-Muller) or U(0, 1) (kind 'uniform') numbers of its global elements; its
+    column j is global column col_offset + j (a column shard), rows are global."""
+    view = out.view(-1, out.shape[-1]) if out.dim() > 1 else out.view(-1, 1)
+    R, C = view.shape
+    assert R < 2**32 and col_offset + C < 2**32, "rows and columns are hashed as 32-bit words"
+    dev = out.device
+    cols = torch.arange(col_offset, col_offset + C, device=dev, dtype=torch.int64)[None, :]
+    step = max(1, _CHUNK.get(dev.type, _CHUNK_DEFAULT) // max(C, 1))
+    for r0 in range(0, R, step):
+        rows = torch.arange(r0, min(R, r0 + step), device=dev, dtype=torch.int64)[:, None]
+        a, b = _hash_bits(keys, rows, cols)
+        u1 = (a.double() + 0.5) * 2.0**-32  # in (0, 1): log(u1) is finite
+        if kind == "uniform":
+            z = u1
+        else:
+            u2 = b.double() * 2.0**-32
+            z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+        view[r0 : r0 + rows.shape[0]].copy_(z * scale)
+
+
+def _init_device(config) -> torch.device:
+    """Where the layer's tensors are created, as Megatron's own layers decide: the meta device with
+    `init_model_with_meta_device`, the CPU with `use_cpu_initialization` (or without CUDA), else the
+    current CUDA device."""
+    if getattr(config, "init_model_with_meta_device", False):
+        return torch.device("meta")
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class UltraMemLayer(MegatronModule):
     """An UltraMem memory layer (TDQKR retrieval + IVE/MCS pooling + output projection)."""
 
@@ -66,6 +166,7 @@ class UltraMemLayer(MegatronModule):
         **kwargs,
     ):
         super().__init__(config=config)
+        aux_loss.install_schedule_hook()  # the aux gradient's scale in models without MoE
         if not isinstance(config, UltraMemConfig):
             raise TypeError(
                 "UltraMemLayer needs an UltraMemConfig (TransformerConfig with ultramem_* fields), "
@@ -88,18 +189,20 @@ class UltraMemLayer(MegatronModule):
         self.col_lo, self.col_hi = self.layout.columns(self.Dv)  # this rank's value columns
         self.core_lo, self.core_hi = self.layout.cores(self.Dv, self.h)
         dtype = c.params_dtype
+        device = _init_device(c)  # drawn there by reset_parameters (meta: drawn after materializing)
+        kw = dict(dtype=dtype, device=device)
 
-        self.query_weight = torch.nn.Parameter(torch.empty(2 * self.K, self.D, dtype=dtype))
-        self.query_norm_row = torch.nn.LayerNorm(self.K, dtype=dtype)
-        self.query_norm_col = torch.nn.LayerNorm(self.K, dtype=dtype)
-        self.key_norm_row = torch.nn.LayerNorm(self.K, dtype=dtype)
-        self.key_norm_col = torch.nn.LayerNorm(self.K, dtype=dtype)
+        self.query_weight = torch.nn.Parameter(torch.empty(2 * self.K, self.D, **kw))
+        self.query_norm_row = torch.nn.LayerNorm(self.K, **kw)
+        self.query_norm_col = torch.nn.LayerNorm(self.K, **kw)
+        self.key_norm_row = torch.nn.LayerNorm(self.K, **kw)
+        self.key_norm_col = torch.nn.LayerNorm(self.K, **kw)
         key_shape = (self.H, self.n_side, self.K, self.r)
-        self.keys_row = torch.nn.Parameter(torch.empty(key_shape, dtype=dtype))
-        self.keys_col = torch.nn.Parameter(torch.empty(key_shape, dtype=dtype))
-        self.cores = torch.nn.Parameter(torch.empty(self.H, self.h, self.r, self.r, dtype=dtype))
+        self.keys_row = torch.nn.Parameter(torch.empty(key_shape, **kw))
+        self.keys_col = torch.nn.Parameter(torch.empty(key_shape, **kw))
+        self.cores = torch.nn.Parameter(torch.empty(self.H, self.h, self.r, self.r, **kw))
         self.values = torch.nn.Parameter(
-            torch.empty(self.N, self.col_hi - self.col_lo, dtype=dtype)
+            torch.empty(self.N, self.col_hi - self.col_lo, **kw)
         )  # [N, Dv / (t*e)]
         parallel.tag_value_parameter(self.values, self.layout)
 
@@ -123,53 +226,77 @@ class UltraMemLayer(MegatronModule):
         )
         assert self.linear_out.weight.shape[1] == (self.col_hi - self.col_lo) * self.E
 
-        perm = torch.randperm(self.E * self.N, generator=_generator(c.ultramem_seed, layer_index, 0))
-        self.register_buffer("permutation", perm)
-        self.register_buffer("tucker_u", torch.zeros(self.H, self.r, dtype=dtype))
-        self.register_buffer("tucker_v", torch.zeros(self.H, self.r, dtype=dtype))
+        # IVE's pi, filled by reset_parameters. int32 while E*N fits (half of int64's bytes on
+        # every rank: at E=4, Dv=1024, t*e=64 an int64 pi is as large as the value shard).
+        perm_dtype = torch.int32 if self.E * self.N <= 2**31 - 1 else torch.int64
+        self.register_buffer("permutation", torch.empty(self.E * self.N, dtype=perm_dtype, device=device))
+        self.register_buffer("tucker_u", torch.zeros(self.H, self.r, **kw))
+        self.register_buffer("tucker_v", torch.zeros(self.H, self.r, **kw))
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialize every memory parameter from the layer's seeded streams (see ultramem_init)."""
+    def init_scales(self) -> dict:
+        """The init's scales, by ultramem_init (the one place they are computed): std of the query
+        weight, keys, values and Wo, and the LayerNorm weight; `unit_cores` says whether the
+        U(0, 1) cores are scaled to unit Frobenius norm."""
         c = self.config
         K, D, E, Dv = self.K, self.D, self.E, self.Dv
-
-        def normal(shape, std, salt):
-            return torch.randn(shape, generator=_generator(c.ultramem_seed, self.layer_index, salt)) * std
-
-        def uniform(shape, salt):
-            return torch.rand(shape, generator=_generator(c.ultramem_seed, self.layer_index, salt))
-
         if c.ultramem_init == "paper":
             # Variance matching: LN weights K^-1/4 on both sides make <q, k> unit-variance; cores of
             # unit Frobenius norm make each core's score unit-variance; then values with variance
             # E/(2 m H L) and Wo with variance 1/(E*Dv) give output variance ~ 1/(2L), like an MLP.
-            ln_weight = K**-0.25
-            q_std, key_std = 1.0 / math.sqrt(D), 1.0
-            cores = uniform(self.cores.shape, 3)
-            cores = cores / cores.flatten(-2).norm(dim=-1)[..., None, None]
-            value_std = math.sqrt(E / (2.0 * self.m * self.H * c.num_layers))
-        else:  # "reference": the public reference code's choices
-            ln_weight = K**-0.33
-            q_std = key_std = 1.0 / math.sqrt(K)
-            cores = uniform(self.cores.shape, 3)
-            value_std = 0.02
-        out_std = 1.0 / math.sqrt(E * Dv)
+            return dict(
+                query=1.0 / math.sqrt(D), keys=1.0, ln_weight=K**-0.25, unit_cores=True,
+                values=math.sqrt(E / (2.0 * self.m * self.H * c.num_layers)),
+                out=1.0 / math.sqrt(E * Dv),
+            )  # fmt: skip
+        # "reference": the public reference code's choices
+        return dict(
+            query=1.0 / math.sqrt(K), keys=1.0 / math.sqrt(K), ln_weight=K**-0.33,
+            unit_cores=False, values=0.02, out=1.0 / math.sqrt(E * Dv),
+        )  # fmt: skip
 
-        self.query_weight.copy_(normal(self.query_weight.shape, q_std, 1))
-        self.keys_row.copy_(normal(self.keys_row.shape, key_std, 2))
-        self.keys_col.copy_(normal(self.keys_col.shape, key_std, 4))
-        self.cores.copy_(cores)
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the permutation and, with `perform_initialization`, every memory parameter, on the
+        tensors' own device (see the counter-based RNG above; `init_scales` gives the scales).
+
+        Tensors on the meta device are skipped: call again after materializing them (Megatron-FSDP
+        does). Without `perform_initialization` the parameters are left as allocated (a checkpoint
+        is expected) but pi is still drawn (cheap, and the layer is wrong without it).
+        """
+        c = self.config
+        seed, layer = c.ultramem_seed, self.layer_index
+        if not self.permutation.is_meta:
+            # A torch.Generator stream on the host (randperm is not counter-based); int32 draws the
+            # same permutation as int64.
+            perm = torch.randperm(
+                self.E * self.N, generator=_generator(seed, layer, 0), dtype=self.permutation.dtype
+            )
+            self.permutation.copy_(perm)
+        if self.values.is_meta or not c.perform_initialization:
+            self.tucker_u.zero_()
+            self.tucker_v.zero_()
+            return
+        sc = self.init_scales()
+
+        def draw(t, name, kind="normal", col_offset=0, scale=1.0):
+            if not t.is_meta:
+                _hash_fill(t, _stream_keys(seed, layer, _SALT[name]), kind, col_offset, scale)
+
+        draw(self.query_weight, "query", scale=sc["query"])
+        draw(self.keys_row, "keys_row", scale=sc["keys"])
+        draw(self.keys_col, "keys_col", scale=sc["keys"])
+        draw(self.cores, "cores", kind="uniform")
+        if sc["unit_cores"]:
+            self.cores.div_(self.cores.flatten(-2).norm(dim=-1)[..., None, None])
         for norm in (self.query_norm_row, self.query_norm_col, self.key_norm_row, self.key_norm_col):
-            norm.weight.fill_(ln_weight)
+            norm.weight.fill_(sc["ln_weight"])
             norm.bias.zero_()
-        # Table and Wo: one stream per global value column, so any column shard is drawn alone.
-        for j, col in enumerate(range(self.col_lo, self.col_hi)):
-            self.values[:, j].copy_(normal((self.N,), value_std, 1000 + 2 * col))
-            w = normal((D, E), out_std, 1001 + 2 * col)  # Wo's inputs for column col, all E blocks
-            self.linear_out.weight[:, j * E : (j + 1) * E].copy_(w)
+        # Table [N, Dv] and Wo [D, Dv*E] (Dv-major: column col*E + p): this rank's column slices
+        # of the global tensors.
+        draw(self.values, "values", col_offset=self.col_lo, scale=sc["values"])
+        draw(self.linear_out.weight, "out", col_offset=self.col_lo * self.E, scale=sc["out"])
         self.tucker_u.zero_()
         self.refresh_tucker_vectors()
 
@@ -204,39 +331,87 @@ class UltraMemLayer(MegatronModule):
             return None
         return kernels
 
+    def _use_cpu_path(self) -> bool:
+        """cpu_path.py's fast path: ultramem_impl='auto' on tensors the Triton kernels do not take
+        (the CPU). 'reference' runs reference.py's oracle functions everywhere."""
+        return self.config.ultramem_impl == "auto" and not self.values.is_cuda
+
     def normalized_keys(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """LayerNorm'd keys over K: two [H, n', K, r] tensors."""
         kr = self.key_norm_row(self.keys_row.transpose(-1, -2)).transpose(-1, -2)
         kc = self.key_norm_col(self.keys_col.transpose(-1, -2)).transpose(-1, -2)
         return kr, kc
 
+    def _key_rows(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The CPU path's LayerNorm'd keys, [H, r, n', K] per side (cpu_path.key_rows).
+
+        They do not depend on the input, and at decode batch sizes normalizing them (a strided copy
+        of both key tensors plus a LayerNorm) is about half of the layer's time. Without autograd
+        the result is kept and reused while the keys and their LayerNorms are unchanged: same
+        tensors (data_ptr, dtype, device), same version counters, and the same bits (a
+        `param.data.copy_()`, as Megatron's optimizers do, does not bump the version counter; the
+        check is a wrapping int64 sum of the raw bits, which any change of a single element
+        alters). With autograd they are always recomputed (and the kept copy dropped)."""
+        sides = ((self.keys_row, self.key_norm_row), (self.keys_col, self.key_norm_col))
+        if torch.is_grad_enabled():
+            self._key_rows_cache = None
+            return tuple(cpu_path.key_rows(keys, norm) for keys, norm in sides)
+        tensors = [t for keys, norm in sides for t in (keys, norm.weight, norm.bias)]
+        stamp = tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in tensors)
+        sums = torch.stack([cpu_path.bits_checksum(t) for t in tensors]).tolist()
+        cache = getattr(self, "_key_rows_cache", None)
+        if cache is not None and cache[0] == stamp and cache[1] == sums:
+            return cache[2]
+        rows = tuple(cpu_path.key_rows(keys, norm) for keys, norm in sides)
+        self._key_rows_cache = (stamp, sums, rows)
+        return rows
+
+    def _queries(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Shared query projection + LN: x [T, D] -> q_row, q_col [T, K]."""
+        q = F.linear(x, self.query_weight)  # [T, 2K]
+        return self.query_norm_row(q[:, : self.K]), self.query_norm_col(q[:, self.K :])
+
     def row_col_scores(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Query projection + LN, then rank-r scores: x [T, D] -> S_row, S_col [T, H, n', r]."""
-        q = F.linear(x, self.query_weight)  # [T, 2K]
-        q_row = self.query_norm_row(q[:, : self.K])  # [T, K]
-        q_col = self.query_norm_col(q[:, self.K :])  # [T, K]
+        q_row, q_col = self._queries(x)  # [T, K] each
         k_row, k_col = self.normalized_keys()
         return reference.row_col_scores(q_row, k_row), reference.row_col_scores(q_col, k_col)
 
     def retrieve(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """TDQKR: x [T, D] -> virtual indices [T, H*m] (int64) and per-core scores [T, H*m, h]."""
+        """TDQKR: x [T, D] -> virtual indices [T, H*m] (int64) and per-core scores [T, H*m, h].
+
+        Each head's m winners are contiguous; their order within the head is the backend's
+        (sorted by score in the reference, unspecified in the CPU fast path)."""
         T = x.shape[0]
-        s_row, s_col = self.row_col_scores(x)  # [T, H, n', r] each
-        kernels = self._backend()
-        topm = kernels.tucker_topm_fused if kernels is not None else reference.tucker_topm
-        virtual, scores = topm(s_row, s_col, self.cores, self.tucker_u, self.tucker_v, self.m)
+        if self._use_cpu_path():
+            q_row, q_col = self._queries(x)  # [T, K] each
+            rows_row, rows_col = self._key_rows()  # [H, r, n', K] each
+            virtual, scores = cpu_path.tdqkr(
+                q_row, q_col, rows_row, rows_col, self.cores, self.tucker_u, self.tucker_v, self.m
+            )
+        else:
+            s_row, s_col = self.row_col_scores(x)  # [T, H, n', r] each
+            kernels = self._backend()
+            topm = kernels.tucker_topm_fused if kernels is not None else reference.tucker_topm
+            virtual, scores = topm(s_row, s_col, self.cores, self.tucker_u, self.tucker_v, self.m)
         # virtual [T, H, m], scores [T, H, m, h]
         if self.config.ultramem_score_activation == "softmax":
             scores = torch.softmax(scores, dim=2)
         return virtual.reshape(T, self.H * self.m), scores.reshape(T, self.H * self.m, self.h)
 
     def pooled_values(self, virtual: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """IVE + MCS pooling of this rank's columns: [T', H*m], [T', H*m, h] -> [T', E, Dv_local]."""
+        """IVE + MCS pooling of this rank's columns: [T', H*m], [T', H*m, h] -> [T', E, Dv_local].
+
+        The table's gradient goes into `values.main_grad` whenever the parameter has one (Megatron's
+        DDP buffers), instead of a dense [N, Dv_local] gradient tensor."""
         rows, blocks = reference.virtual_to_physical(virtual, self.permutation, self.N)
         scores = scores[..., self.core_lo : self.core_hi]  # the cores of this rank's columns
+        if self._use_cpu_path():
+            return cpu_path.bag_pool(rows, blocks, scores, self.values, self.E)
         kernels = self._backend()
         if kernels is None:
             return reference.weighted_gather_pool(rows, blocks, scores, self.values, self.E)
+        main_grad = getattr(self.values, "main_grad", None)
         return kernels.gather_pool(
             rows,
             blocks,
@@ -244,9 +419,12 @@ class UltraMemLayer(MegatronModule):
             self.values,
             self.E,
             deterministic=self.config.ultramem_deterministic,
-            # Megatron's gradient-accumulation fusion: the table's gradient goes straight into the
-            # fp32 main_grad buffer instead of a dense [N, Dv] grad tensor.
-            accumulate_into_main_grad=self.config.gradient_accumulation_fusion,
+            # The Triton backward accumulates into an fp32/fp64 buffer; with a bf16 main_grad
+            # (grad_reduce_in_fp32=False) it returns the ordinary gradient, which Megatron's DDP
+            # hook adds into main_grad.
+            accumulate_into_main_grad=(
+                main_grad is not None and main_grad.dtype in (torch.float32, torch.float64)
+            ),
         )
 
     def aggregate(self, virtual: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -150,12 +150,12 @@ def virtual_to_physical(
 
     Args:
         virtual: int64 indices in [0, E*N), any shape.
-        permutation: [E*N] int64, the fixed random permutation pi.
+        permutation: [E*N] int32 or int64, the fixed random permutation pi.
         num_rows: N, physical rows.
     Returns:
-        (rows, blocks), same shape as `virtual`: phi = pi(v) mod N, p = pi(v) div N.
+        (rows, blocks), int64, same shape as `virtual`: phi = pi(v) mod N, p = pi(v) div N.
     """
-    pv = permutation[virtual]
+    pv = permutation[virtual].long()
     return pv % num_rows, pv // num_rows
 
 

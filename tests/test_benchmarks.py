@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     [
         ("bench_kernels.py", ["--smoke"], "gather"),
         ("bench_data.py", ["--smoke", "--backends", "torch"], "torch"),
+        ("bench_decode.py", ["--smoke"], "UltraMem / MoE"),
     ],
 )
 def test_benchmark_smoke(tmp_path, script, args, needle):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from megatron_ultramem.experiments import configs, corpus
 
@@ -108,48 +107,6 @@ def test_fact_recall_on_an_untrained_model(megatron_world):
     pairs = [("\nThe color of Zorbak is", " red."), ("\nThe color of Zorbak is", " blue.")]
     lp = corpus.candidate_logprobs(model, pairs)
     assert lp.shape == (2,) and (lp < 0).all()
-
-
-# ---------------------------------------------------------------------- fast-path prototype
-@pytest.mark.parametrize("T,M,h,E,N,Dv", [(7, 10, 2, 4, 13, 10), (1, 3, 1, 1, 5, 3), (33, 64, 2, 9, 50, 8)])
-def test_bag_pool_equals_the_reference(T, M, h, E, N, Dv):
-    """fastpath.weighted_gather_pool_bag == reference.weighted_gather_pool, values and gradients
-    (fp64: the two sum the same terms in a different order)."""
-    from megatron_ultramem import reference
-    from megatron_ultramem.experiments import fastpath
-
-    g = torch.Generator().manual_seed(0)
-    rows, blocks = torch.randint(0, N, (T, M), generator=g), torch.randint(0, E, (T, M), generator=g)
-    results = []
-    for fn in (reference.weighted_gather_pool, fastpath.weighted_gather_pool_bag):
-        values = torch.randn(N, Dv, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        scores = torch.randn(T, M, h, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-        values.requires_grad_(), scores.requires_grad_()
-        y = fn(rows, blocks, scores, values, E)  # [T, E, Dv]
-        y.backward(torch.arange(Dv, dtype=torch.float64).expand_as(y))
-        results.append((y.detach(), values.grad, scores.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
-
-
-def test_nograd_selection_equals_the_reference():
-    from megatron_ultramem import reference
-    from megatron_ultramem.experiments import fastpath
-
-    g = torch.Generator().manual_seed(3)
-    T, H, n, r, h, m = 9, 2, 10, 2, 2, 7
-    s_row = torch.randn(T, H, n, r, dtype=torch.float64, generator=g, requires_grad=True)
-    s_col = torch.randn(T, H, n, r, dtype=torch.float64, generator=g, requires_grad=True)
-    cores = torch.rand(H, h, r, r, dtype=torch.float64, generator=g, requires_grad=True)
-    u, v = torch.rand(H, r, dtype=torch.float64), torch.rand(H, r, dtype=torch.float64)
-    out = []
-    for fn in (reference.tucker_topm, fastpath.tucker_topm_nograd):
-        virtual, scores = fn(s_row, s_col, cores, u, v, m)
-        grads = torch.autograd.grad(scores.sum(), (s_row, s_col, cores))
-        out.append((virtual, scores.detach(), *grads))
-    assert torch.equal(out[0][0], out[1][0])
-    for a, b in zip(out[0][1:], out[1][1:]):
-        torch.testing.assert_close(a, b)
 
 
 # ---------------------------------------------------------------------- CLI smoke runs

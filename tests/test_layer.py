@@ -1,10 +1,14 @@
 """UltraMemLayer: IVE equivalence, gradients, aux loss, SVD refresh (float64, odd sizes)."""
 
+import itertools
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from megatron_ultramem import reference
+from megatron_ultramem import layer as layer_module
+from megatron_ultramem import parallel, reference
 from megatron_ultramem.layer import UltraMemLayer
 
 from helpers import small_config
@@ -59,7 +63,11 @@ def test_permutation_is_a_fixed_seeded_permutation(megatron_world):
     cfg = small_config(torch.float64)
     a, b = UltraMemLayer(cfg, layer_index=3), UltraMemLayer(cfg, layer_index=3)
     c = UltraMemLayer(cfg, layer_index=4)
-    assert torch.equal(torch.sort(a.permutation).values, torch.arange(4 * 25))
+    assert a.permutation.dtype == torch.int32  # E*N fits: half the bytes of int64 on every rank
+    assert torch.equal(torch.sort(a.permutation).values, torch.arange(4 * 25, dtype=torch.int32))
+    # the same pi as the int64 draw of the same stream (checkpoints of earlier versions agree)
+    want = torch.randperm(4 * 25, generator=layer_module._generator(cfg.ultramem_seed, 3, 0))
+    assert torch.equal(a.permutation.long(), want)
     assert torch.equal(a.permutation, b.permutation) and torch.equal(a.values, b.values)
     assert not torch.equal(a.permutation, c.permutation)
     assert "permutation" in a.state_dict() and "tucker_u" in a.state_dict()
@@ -167,3 +175,156 @@ def test_paper_init_values_variance(megatron_world):
     assert abs(layer.values.var().item() / expected - 1) < 0.1
     cores = layer.cores.detach().flatten(-2).norm(dim=-1)
     torch.testing.assert_close(cores, torch.ones_like(cores))
+
+
+# ---------------------------------------------------------------------- initialization
+def _keys(salt=5, seed=1234, layer=0):
+    return layer_module._stream_keys(seed, layer, salt)
+
+
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def test_hash_rng_column_shard_is_slice_of_full_tensor():
+    """Element (i, j) depends only on (seed, layer, tensor, i, global j): a shard drawn alone, with
+    its column offset, is exactly the slice of the full tensor (any chunking of the rows too)."""
+    full = torch.empty(37, 20, dtype=torch.float64)
+    layer_module._hash_fill(full, _keys(), "normal")
+    for lo, hi in ((0, 5), (5, 10), (13, 20)):
+        part = torch.empty(37, hi - lo, dtype=torch.float64)
+        layer_module._hash_fill(part, _keys(), "normal", col_offset=lo)
+        assert torch.equal(part, full[:, lo:hi])
+    chunked = torch.empty_like(full)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(layer_module._CHUNK, "cpu", 64)  # 3 rows per pass
+        layer_module._hash_fill(chunked, _keys(), "normal")
+    assert torch.equal(chunked, full)
+    f32 = torch.empty(37, 20, dtype=torch.float32)
+    layer_module._hash_fill(f32, _keys(), "normal")
+    assert torch.equal(f32, full.float())  # drawn in float64, then rounded
+
+
+def test_hash_rng_streams_differ_by_seed_layer_and_tensor():
+    draws = []
+    for keys in (_keys(), _keys(salt=6), _keys(layer=1), _keys(seed=1235)):
+        t = torch.empty(50, 8, dtype=torch.float64)
+        layer_module._hash_fill(t, keys, "normal")
+        draws.append(t)
+    for a, b in itertools.combinations(draws, 2):
+        assert (a == b).float().mean() < 0.01
+
+
+def test_hash_rng_distribution():
+    """N(0, 1) and U(0, 1) draws: moments, Kolmogorov-Smirnov distance and neighbour correlations
+    (n = 200k samples: 5e-3 ~ 2.2 standard errors of the mean, 1.63/sqrt(n) = 3.6e-3 is the 1% KS
+    critical value, correlations of independent samples have standard error 1/sqrt(n))."""
+    R, C = 4000, 50
+    n = R * C
+    z = torch.empty(R, C, dtype=torch.float64)
+    layer_module._hash_fill(z, _keys(), "normal")
+    assert abs(z.mean().item()) < 5e-3 and abs(z.std().item() - 1.0) < 5e-3
+    ks = (torch.arange(1, n + 1, dtype=torch.float64) / n - _normal_cdf(torch.sort(z.reshape(-1)).values))
+    assert ks.abs().max().item() < 1.63 / math.sqrt(n)
+    for a, b in ((z[:, 1:], z[:, :-1]), (z[1:], z[:-1])):  # adjacent columns, adjacent rows
+        assert abs(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1].item()) < 4 / math.sqrt(n)
+    u = torch.empty(R, C, dtype=torch.float64)
+    layer_module._hash_fill(u, _keys(), "uniform")
+    assert u.min() > 0 and u.max() < 1
+    ku = (torch.arange(1, n + 1, dtype=torch.float64) / n - torch.sort(u.reshape(-1)).values).abs().max()
+    assert ku.item() < 1.63 / math.sqrt(n)
+
+
+def test_init_layout_holds_its_column_slice(megatron_world, monkeypatch):
+    """An EP (or TP) rank's table and Wo are its column slices of the single-rank layer's, and the
+    replicated tensors are equal (built here with a faked 4-way layout: init needs no groups)."""
+    cfg = small_config(torch.float64, ultramem_value_dim=12)
+    full = UltraMemLayer(cfg, layer_index=3)
+    E = 4
+    for rank in range(4):
+        layout = parallel.MemoryLayout(ep_size=4, ep_rank=rank)
+        monkeypatch.setattr(layer_module.parallel, "memory_layout", lambda c, g=None, _l=layout: _l)
+        part = UltraMemLayer(cfg, layer_index=3)
+        c0, c1 = part.col_lo, part.col_hi
+        assert (c0, c1) == (3 * rank, 3 * rank + 3)
+        assert torch.equal(part.values, full.values[:, c0:c1])
+        assert torch.equal(part.linear_out.weight, full.linear_out.weight[:, c0 * E : c1 * E])
+        for name in ("query_weight", "keys_row", "keys_col", "cores", "permutation", "tucker_u"):
+            assert torch.equal(getattr(part, name), getattr(full, name)), name
+
+
+@pytest.mark.parametrize("scheme", ["paper", "reference"])
+def test_init_scales(megatron_world, scheme):
+    """Each tensor is N(0, std^2) with init_scales()' std, cores U(0, 1) (unit norm for 'paper').
+    Bounds are 4 standard errors: 1/sqrt(2n) for a sample std, 1/sqrt(n) for a mean (in std units)."""
+    cfg = small_config(torch.float64, ultramem_init=scheme, ultramem_num_keys=20, ultramem_value_dim=16)
+    layer = UltraMemLayer(cfg, layer_index=0)
+    sc = layer.init_scales()
+    for name, key in (("values", "values"), ("linear_out.weight", "out"), ("query_weight", "query"),
+                      ("keys_row", "keys"), ("keys_col", "keys")):  # fmt: skip
+        t = layer.get_parameter(name)
+        n = t.numel()  # 288 (query) to 6,400 (values)
+        assert abs(t.std().item() / sc[key] - 1) < 4 / math.sqrt(2 * n), name
+        assert abs(t.mean().item()) < 4 * sc[key] / math.sqrt(n), name
+    cores = layer.cores.detach()
+    if scheme == "paper":
+        norms = cores.flatten(-2).norm(dim=-1)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+    else:
+        assert cores.min() > 0 and cores.max() < 1
+    assert torch.all(layer.query_norm_row.weight == sc["ln_weight"])
+
+
+def test_perform_initialization_false_draws_nothing_but_pi(megatron_world, monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("drew a parameter")
+
+    monkeypatch.setattr(layer_module, "_hash_fill", fail)
+    layer = UltraMemLayer(small_config(torch.float64, perform_initialization=False), layer_index=1)
+    assert torch.equal(torch.sort(layer.permutation).values.long(), torch.arange(100))
+    assert torch.count_nonzero(layer.tucker_u) == 0
+
+
+def test_meta_device_construction_then_materialize(megatron_world):
+    """init_model_with_meta_device: nothing is allocated or drawn; after to_empty(), a call to
+    reset_parameters() (as Megatron-FSDP does) gives the same layer as a CPU construction."""
+    meta = UltraMemLayer(small_config(torch.float64, init_model_with_meta_device=True), layer_index=1)
+    assert meta.values.is_meta and meta.keys_row.is_meta and meta.permutation.is_meta
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()
+    cpu = UltraMemLayer(small_config(torch.float64), layer_index=1)
+    for (name, a), (_, b) in zip(meta.state_dict().items(), cpu.state_dict().items()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), name
+
+
+def test_parameters_are_created_on_the_init_device(megatron_world):
+    """use_cpu_initialization=False puts parameters on the current CUDA device; without CUDA (this
+    machine, or cpu_compat) that is the CPU."""
+    layer = UltraMemLayer(small_config(torch.float64, use_cpu_initialization=False), layer_index=1)
+    want = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    for name, t in [*layer.named_parameters(), *layer.named_buffers()]:
+        if name != "linear_out.weight":  # Megatron's own layer decides its device
+            assert t.device == want, name
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_bf16_main_grad_does_not_crash(megatron_world, impl):
+    """Issue #11: Megatron's default grad_reduce_in_fp32=False gives bf16 main_grads. The CPU path
+    adds the table gradient into them (summed in fp32; tests/test_cpu_path.py checks the rounding);
+    the Triton backward accumulates into fp32 buffers only, so with a bf16 main_grad the layer asks
+    it for the ordinary gradient, which Megatron's DDP hook then adds."""
+    from megatron_ultramem import kernels
+
+    if impl == "triton" and not kernels.HAVE_TRITON:
+        pytest.skip("triton is not importable")
+    layer = UltraMemLayer(small_config(torch.bfloat16, ultramem_impl=impl), layer_index=1)
+    layer.values.main_grad = torch.zeros_like(layer.values)  # bf16, like DDP's buffer
+    layer.eval()
+    x = torch.randn(4, 2, 24, dtype=torch.bfloat16)
+    layer(x)[0].float().square().sum().backward()
+    if impl == "auto":
+        assert layer.values.grad is None and torch.count_nonzero(layer.values.main_grad) > 0
+    else:
+        assert layer.values.grad is not None and torch.count_nonzero(layer.values.main_grad) == 0
+        assert torch.count_nonzero(layer.values.grad) > 0

@@ -7,7 +7,7 @@ What is measured (fp32, this CPU, eval mode, torch.no_grad):
    for B in 1, 4, 16, 64, 256, 1024. The slots are taken from GPTModels built by configs.py (the
    same Megatron modules the quality sweep trains): Megatron's MLP, Megatron's MoELayer (top-k,
    allgather dispatcher, SequentialMLP experts), and UltraMemSlot (the dense MLP F_d beside an
-   UltraMemLayer; reference implementation, the CPU path). Latency: the median over repeats; all
+   UltraMemLayer; on CPU its default path, cpu_path.py). Latency: the median over repeats; all
    slots are timed in one process, interleaved call by call (A, B, C, A, B, C, ...), each call on a
    fresh random input and after reading a buffer larger than the last-level cache, so that weights
    come from memory as they would in a model whose other layers ran in between ("cold").
@@ -17,8 +17,7 @@ What is measured (fp32, this CPU, eval mode, torch.no_grad):
    sizing.py (no row/expert shared between tokens).
 3. A training step (forward + backward) of the slot alone at the quality sweep's size and token
    count, and at the decode size, interleaved the same way (warm caches).
-4. Where the UltraMem layer's time goes (torch.profiler) and a prototype of a faster CPU reference
-   path (fastpath.py), checked against the layer and timed the same way.
+4. Where the UltraMem layer's time goes (torch.profiler).
 5. A whole-model decode step with a KV cache through Megatron's StaticInferenceContext, when it runs
    on this CPU (the reason is recorded when it does not).
 """
@@ -251,14 +250,14 @@ def profile_memory(size: ModelSize, tokens: int, seed: int = 1234, top: int = 18
     the layer's stages labelled (record_function wrappers set on the instance, not in layer.py)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from .. import reference
+    from .. import cpu_path, reference
 
     slots = build_slots(size, seed)
     slot = slots["ultramem"][0]
     slot.train()
     mem = slot.memory
     stages = {
-        "row_col_scores": mem.row_col_scores,
+        "retrieve": mem.retrieve,
         "pooled_values": mem.pooled_values,
         "linear_out": mem.linear_out.forward,
     }
@@ -273,8 +272,11 @@ def profile_memory(size: ModelSize, tokens: int, seed: int = 1234, top: int = 18
     for name, fn in stages.items():
         target = mem.linear_out if name == "linear_out" else mem
         setattr(target, "forward" if name == "linear_out" else name, labelled(name, fn))
-    orig_topm = reference.tucker_topm
-    reference.tucker_topm = labelled("tucker_topm", orig_topm)
+    # module functions the layer looks up at call time: the CPU path's TDQKR or the reference's
+    patched = [(cpu_path, "tdqkr"), (reference, "row_col_scores"), (reference, "tucker_topm")]
+    originals = [getattr(mod, name) for mod, name in patched]
+    for (mod, name), fn in zip(patched, originals):
+        setattr(mod, name, labelled(name, fn))
     orig_mlp = slot.mlp.forward
     slot.mlp.forward = labelled("dense_mlp", orig_mlp)
     s = min(size.seq_length, tokens)
@@ -294,7 +296,8 @@ def profile_memory(size: ModelSize, tokens: int, seed: int = 1234, top: int = 18
             for _ in range(3):
                 step()
     finally:
-        reference.tucker_topm = orig_topm
+        for (mod, name), fn in zip(patched, originals):
+            setattr(mod, name, fn)
         for name in stages:
             target = mem.linear_out if name == "linear_out" else mem
             delattr(target, "forward" if name == "linear_out" else name)
@@ -447,14 +450,10 @@ def main(args) -> int:
     train_big = train_step_table(settings.size, settings.train_tokens, settings.train_repeats)
     print(f"  {train_small}\n  {train_big}", flush=True)
 
-    fast = None
     prof = None
     if not args.no_profile:
-        from . import fastpath
-
-        print("profile + fast-path prototype:", flush=True)
+        print("profile:", flush=True)
         prof = profile_memory(settings.train_size, settings.train_tokens)
-        fast = fastpath.compare(settings, log=print)
     try:
         whole = whole_model_decode(settings, settings.batches)
     except Exception as err:  # recorded in the report: the reason it does not run on CPU
@@ -554,8 +553,6 @@ def main(args) -> int:
             *[f"| `{k}` | {ms:.2f} | {n} |" for k, ms, n in prof["top_ops"]],
             "",
         ]
-    if fast is not None:
-        lines += fast["lines"]
     lines += ["## Whole model, one decode step with a KV cache (StaticInferenceContext)", ""]
     if "error" in whole:
         lines += [
