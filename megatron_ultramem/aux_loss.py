@@ -31,7 +31,9 @@ def set_aux_loss_scale(scale) -> None:
     """Scale of the aux-loss gradient for the next backward passes (what the schedules set)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    MoEAuxLossAutoScaler.set_loss_scale(torch.as_tensor(scale, dtype=torch.float32).reshape(1))
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    current = MoEAuxLossAutoScaler.main_loss_backward_scale  # set_loss_scale copies into it
+    MoEAuxLossAutoScaler.set_loss_scale(scale.reshape(current.shape if current is not None else 1))
 
 
 def megatron_aux_loss_scale(config, num_microbatches: int, cp_group_size=None, device=None):

@@ -168,8 +168,20 @@ def _metrics_tracker():
     return get_moe_metrics_tracker()
 
 
+def _entry_values(entry):
+    values = getattr(entry, "values", None)  # 0.18+: a MetricEntry; before: a dict
+    return entry["values"] if isinstance(entry, dict) else values
+
+
 def record_aux_loss(name: str, value, layer_number: int, num_layers: int) -> None:
-    """Report a per-layer loss to Megatron's MoE metrics tracker (for its logging)."""
+    """Report a per-layer loss to Megatron's MoE metrics tracker (for its logging).
+
+    An entry sized for another model's layer count (a second model in the same process) is
+    replaced: Megatron's tracker sizes an entry once, on its first record.
+    """
+    entry = aux_loss_entries().get(name)
+    if entry is not None and _entry_values(entry).numel() != num_layers:
+        discard_aux_loss(name)
     tracker = _metrics_tracker()
     if tracker is not None:
         tracker.record(name=name, value=value, layer_number=layer_number, num_layers=num_layers)

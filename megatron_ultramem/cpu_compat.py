@@ -34,6 +34,9 @@ Patches (target: reason):
     clip_grad_by_total_norm_fp32, dispatch on `tensor.type()` strings such as
     'torch.cuda.BFloat16Tensor': while those three run, `Tensor.type()` (no arguments) names CPU
     tensors with their CUDA spelling. Nothing else sees either change.
+ 9. tensor_parallel.random._get_cuda_rng_state / _set_cuda_rng_state: activation recompute
+    (tensor_parallel.checkpoint) saves and restores "the CUDA RNG state" around the recomputed
+    forward; on CPU that is the CPU generator's state (which it also saves itself).
  8. megatron.training.arguments.get_device_arch_version (where megatron.training is importable:
     megatron-core 0.17+, or a Megatron-LM checkout on sys.path): validate_args asks the GPU's
     compute capability with tensor parallelism; report 9 (Hopper), whose rules (e.g.
@@ -241,6 +244,9 @@ def enable() -> bool:
         _patch(hybrid_block, "TENorm", _local_norm)
     # 7
     _patch_optimizers_and_schedules()
+    # 9
+    _patch(tp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+    _patch(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
     # 8
     try:
         from megatron.training import arguments as training_arguments

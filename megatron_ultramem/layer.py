@@ -65,7 +65,7 @@ def _generator(seed: int, layer_index: int, salt: int) -> torch.Generator:
 # never overflows int64 (see _mul32), so CPU and CUDA give the same integers; the float transform
 # (Box-Muller in float64) can differ in the last bit between devices.
 _M32 = 0xFFFFFFFF
-_SALT = {"query": 1, "keys_row": 2, "cores": 3, "keys_col": 4, "values": 5, "out": 6}
+_SALT = {"query": 1, "keys_row": 2, "cores": 3, "keys_col": 4, "values": 5, "out": 6, "calibration": 7}
 """One stream id per tensor (the permutation uses the torch.Generator stream of salt 0)."""
 
 
@@ -222,9 +222,13 @@ class UltraMemLayer(MegatronModule):
             input_is_parallel=True,
             skip_bias_add=True,
             is_expert=True,
-            tp_comm_buffer_name="ultramem_out",
+            # A name Transformer Engine knows: an unknown one makes TE's linear set
+            # config.tp_comm_overlap = False on the shared config, for every layer built after it.
+            # (Expert linears never overlap TP communication, so the buffer itself is not used.)
+            tp_comm_buffer_name="fc2",
         )
         assert self.linear_out.weight.shape[1] == (self.col_hi - self.col_lo) * self.E
+        parallel.tag_replicated_parameters(self.replicated_parameters(), self.layout)
 
         # IVE's pi, filled by reset_parameters. int32 while E*N fits (half of int64's bytes on
         # every rank: at E=4, Dv=1024, t*e=64 an int64 pi is as large as the value shard).
@@ -233,6 +237,11 @@ class UltraMemLayer(MegatronModule):
         self.register_buffer("tucker_u", torch.zeros(self.H, self.r, **kw))
         self.register_buffer("tucker_v", torch.zeros(self.H, self.r, **kw))
         self.reset_parameters()
+
+    def replicated_parameters(self):
+        """The retrieval parameters, replicated on every TP x EP rank (all but values and Wo)."""
+        sharded = {id(self.values), id(self.linear_out.weight)}
+        return [p for p in self.parameters() if id(p) not in sharded]
 
     # ------------------------------------------------------------------ init
     def init_scales(self) -> dict:
@@ -244,7 +253,10 @@ class UltraMemLayer(MegatronModule):
         if c.ultramem_init == "paper":
             # Variance matching: LN weights K^-1/4 on both sides make <q, k> unit-variance; cores of
             # unit Frobenius norm make each core's score unit-variance; then values with variance
-            # E/(2 m H L) and Wo with variance 1/(E*Dv) give output variance ~ 1/(2L), like an MLP.
+            # E/(2 m H L) and Wo with variance 1/(E*Dv) would give output variance 1/(2L), like an
+            # MLP, if the pooling weights had unit mean square. They are the top-m winners of a
+            # grid, whose mean square is far above 1 (measured 20-45): reset_parameters divides the
+            # value std by their RMS measured at init (calibrated_value_std).
             return dict(
                 query=1.0 / math.sqrt(D), keys=1.0, ln_weight=K**-0.25, unit_cores=True,
                 values=math.sqrt(E / (2.0 * self.m * self.H * c.num_layers)),
@@ -293,12 +305,35 @@ class UltraMemLayer(MegatronModule):
         for norm in (self.query_norm_row, self.query_norm_col, self.key_norm_row, self.key_norm_col):
             norm.weight.fill_(sc["ln_weight"])
             norm.bias.zero_()
+        self.tucker_u.zero_()
+        self.refresh_tucker_vectors()  # retrieval is now final: the calibration below uses it
+        value_std = sc["values"]
+        if c.ultramem_init == "paper":
+            value_std /= self.winner_score_rms()
         # Table [N, Dv] and Wo [D, Dv*E] (Dv-major: column col*E + p): this rank's column slices
         # of the global tensors.
-        draw(self.values, "values", col_offset=self.col_lo, scale=sc["values"])
+        draw(self.values, "values", col_offset=self.col_lo, scale=value_std)
         draw(self.linear_out.weight, "out", col_offset=self.col_lo * self.E, scale=sc["out"])
-        self.tucker_u.zero_()
-        self.refresh_tucker_vectors()
+
+    CALIBRATION_TOKENS = 512
+    """Tokens of the init's calibration batch (the RMS of 512 * H * m * h winner scores: its
+    sampling error is far below the 2x the init promises)."""
+
+    @torch.no_grad()
+    def winner_score_rms(self) -> float:
+        """RMS of the pooling weights (per-core winner scores, after ultramem_score_activation) on a
+        unit-variance random batch: what the pre-MLP LayerNorm hands the layer at init.
+
+        The output variance is Var(V) / E * H * m * mean(s^2) (y = Wo pooled, Var(Wo) = 1/(E Dv),
+        each pooled entry a sum of H*m/E score-weighted values on average, per-core slices
+        averaging the h cores), so dividing the value std by this RMS makes it the 1/(2L) target.
+        The batch comes from the layer's own counter-based stream and the retrieval parameters are
+        replicated: every rank of any layout computes the same number.
+        """
+        x = torch.empty(self.CALIBRATION_TOKENS, self.D, dtype=torch.float32, device=self.cores.device)
+        _hash_fill(x, _stream_keys(self.config.ultramem_seed, self.layer_index, _SALT["calibration"]), "normal")
+        _, scores = self.retrieve(x.to(self.cores.dtype))  # [T, H*m, h]
+        return float(scores.double().pow(2).mean().sqrt().clamp_min(1e-12))
 
     def set_layer_number(self, layer_number: int) -> None:
         """Called by TransformerLayer after construction (1-based); used to label logged losses."""
@@ -483,12 +518,30 @@ class UltraMemLayer(MegatronModule):
         return sharded
 
     # ------------------------------------------------------------------ forward
+    def _recompute(self) -> bool:
+        """Selective recompute of the memory itself: 'moe' in recompute_modules treats the memory
+        like the MoE block it replaces. With 'mlp' Megatron's TransformerLayer already recomputes
+        the whole MLP slot (memory included) and the memory must not checkpoint again."""
+        c = self.config
+        modules = set(c.recompute_modules or []) if c.recompute_granularity == "selective" else set()
+        return "moe" in modules and "mlp" not in modules and self.training and torch.is_grad_enabled()
+
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> Tuple[torch.Tensor, None]:
         """[s, b, D] -> ([s, b, D], None); [s/t, b, D] in and out with sequence parallelism."""
-        x = parallel.gather_input(hidden_states, self.layout)  # [s, b, D]
-        s, b, D = x.shape
-        virtual, scores = self.retrieve(x.reshape(s * b, D))  # replicated on every TP rank
-        out = self.aggregate(virtual, scores).view(-1, b, D)  # [s (or s/t), b, D]
+        if self._recompute():
+            from megatron.core import tensor_parallel
+
+            # activations of the memory are recomputed in backward (Megatron's checkpoint keeps
+            # the RNG tracker state); the aux loss is attached outside, once
+            out = tensor_parallel.checkpoint(self._memory_output, False, hidden_states)
+        else:
+            out = self._memory_output(hidden_states)
         if self.training and self.config.ultramem_aux_loss_alpha > 0 and torch.is_grad_enabled():
             out = self._attach_aux_loss(out)
         return out, None
+
+    def _memory_output(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = parallel.gather_input(hidden_states, self.layout)  # [s, b, D]
+        s, b, D = x.shape
+        virtual, scores = self.retrieve(x.reshape(s * b, D))  # replicated on every TP rank
+        return self.aggregate(virtual, scores).view(-1, b, D)  # [s (or s/t), b, D]

@@ -6,6 +6,9 @@ with the matching contiguous input columns of the output projection Wo (its inpu
 Dv-major, see layer.py). Retrieval (query, keys, cores: a few MB) is replicated and computed on
 every rank, so a token's selected rows are known everywhere without communication.
 
+Replicated parameters: `tag_replicated_parameters` has Megatron average their gradients over TP
+once per step (finalize_model_grads), so the copies never drift apart.
+
 Order of application in forward (each step a function below; backward runs them in reverse):
  1. gather_input    (SP only)  all-gather the sequence over TP; backward: keep own slice (the
                     input gradient is already complete on every TP rank after step 2).
@@ -111,6 +114,23 @@ def tag_value_parameter(param: torch.nn.Parameter, layout: MemoryLayout) -> None
     # DDP: allreduce=False means "expert param": gradients are reduced over the
     # expert-data-parallel group only, since each EP rank owns different columns.
     param.allreduce = layout.ep_size == 1
+
+
+def tag_replicated_parameters(params, layout: MemoryLayout) -> None:
+    """Keep the replicated retrieval parameters (query, keys, cores, their LayerNorms) bitwise
+    identical on the TP ranks.
+
+    Every TP rank computes the same retrieval, so their gradients agree mathematically, but not
+    always bit for bit (atomics in GPU index/scatter backward kernels); a copy that drifts by one
+    ulp per step eventually selects other rows than its peers, while each rank pools only its own
+    columns. Megatron's finalize_model_grads averages the gradients of parameters tagged
+    `average_gradients_across_tp_domain` over the TP group once per step (an all-reduce leaves the
+    same bits on every rank), so the optimizer sees identical gradients everywhere.
+    """
+    if layout.tp_size == 1:
+        return
+    for param in params:
+        param.average_gradients_across_tp_domain = True
 
 
 # ---------------------------------------------------------------------- communication steps

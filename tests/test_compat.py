@@ -113,9 +113,11 @@ def test_aux_loss_tracker_record_and_discard(megatron_world):
     name = "ultramem_compat_probe"
     compat.record_aux_loss(name, torch.tensor(0.25), layer_number=2, num_layers=3)
     compat.record_aux_loss(name, torch.tensor(0.5), layer_number=2, num_layers=3)
-    entry = compat.aux_loss_entries()[name]
-    values = entry.values if hasattr(entry, "values") and not callable(entry.values) else entry["values"]
+    values = compat._entry_values(compat.aux_loss_entries()[name])
     assert values.tolist() == [0.0, 0.75, 0.0]  # accumulated per layer
+    # a model with another layer count (same process) starts a fresh entry instead of failing
+    compat.record_aux_loss(name, torch.tensor(1.0), layer_number=5, num_layers=5)
+    assert compat._entry_values(compat.aux_loss_entries()[name]).tolist() == [0, 0, 0, 0, 1.0]
     if BUILDER_FORM:  # 0.18+: the legacy dict is a copy; the shim must reach the live tracker
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 

@@ -15,7 +15,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "worker.py")
 
 @pytest.mark.parametrize(
     "nproc,scenario",
-    [(2, "layouts2"), (4, "layouts4"), (4, "checkpoint"), (2, "train2"), (4, "hybrid"), (2, "pipeline"), (2, "optimizer"), (2, "gradnorm")],
+    [(2, "layouts2"), (4, "layouts4"), (4, "checkpoint"), (2, "train2"), (4, "hybrid"), (2, "pipeline"), (2, "optimizer"), (2, "gradnorm"), (2, "tpsync")],
 )
 def test_torchrun(nproc, scenario):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

@@ -8,6 +8,7 @@
     torchrun --nproc_per_node 2 tests/distributed/worker.py pipeline
     torchrun --nproc_per_node 2 tests/distributed/worker.py optimizer
     torchrun --nproc_per_node 2 tests/distributed/worker.py gradnorm
+    torchrun --nproc_per_node 2 tests/distributed/worker.py tpsync
 
 Each scenario builds the single-rank layer (TP=1, EP=1) on the global batch first and compares every
 rank's slice of the parallel run against it. Layout checks run in float64 so that no top-m tie flips
@@ -678,6 +679,77 @@ def scenario_gradnorm():
     if abs(tp2_norm - ref_norm) > 1e-5 * ref_norm:
         raise AssertionError(f"grad norm at TP=2 {tp2_norm} != TP=1 {ref_norm}")
     log(f"ok global grad norm at TP=2 ({tp2_norm:.6f}) == TP=1 ({ref_norm:.6f})")
+
+
+def scenario_tpsync():
+    """The replicated retrieval parameters stay bitwise identical on the TP ranks when the ranks'
+    own gradients differ in the last bits (injected on TP rank 1, as GPU atomics would), through
+    Megatron's DDP, schedule, finalize_model_grads and optimizer. Control: without the tag that
+    has Megatron average those gradients over TP, the same injection makes the copies differ."""
+    from megatron.core.distributed import (
+        DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+    )  # fmt: skip
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ultramem.specs import get_ultramem_decoder_block_spec
+
+    vocab, seq, mbs = 40, 8, 2
+    g = torch.Generator().manual_seed(8)
+    data = [torch.randint(0, vocab, (mbs, seq + 1), generator=g) for _ in range(3)]
+    mask = torch.ones(1, 1, seq, seq, dtype=torch.bool).triu(1)
+    pos = torch.arange(seq).unsqueeze(0).expand(mbs, seq)
+
+    def run(tagged):
+        setup(2, 1)
+        cfg = small_config(num_layers=2, ultramem_mode="parallel", ultramem_layers="[0,1]",
+                           ultramem_value_dim=12, tensor_model_parallel_size=2)  # fmt: skip
+        torch.manual_seed(0)
+        model = GPTModel(config=cfg, transformer_layer_spec=get_ultramem_decoder_block_spec(cfg, False),
+                         vocab_size=vocab, max_sequence_length=seq)  # fmt: skip
+        layers = [m for m in model.modules() if isinstance(m, UltraMemLayer)]
+        replicated = [p for m in layers for p in m.replicated_parameters()]
+        assert all(getattr(p, "average_gradients_across_tp_domain", False) for p in replicated)
+        if not tagged:
+            for p in replicated:
+                del p.average_gradients_across_tp_domain
+        if ps.get_tensor_model_parallel_rank() == 1:  # last-bit noise in this rank's gradients
+            noise = torch.Generator().manual_seed(99)
+            for p in replicated:
+                p.register_hook(lambda grad, n=noise: grad * (1 + 1e-6 * torch.randn(grad.shape, generator=n)))
+        ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2), [ddp])
+        cfg.finalize_model_grads_func = finalize_model_grads
+
+        def forward_step(data_iterator, m):
+            t = next(data_iterator)
+            out = m(t[:, :-1], pos, mask, labels=t[:, 1:])
+            return out, lambda o: (o.float().mean(), {"loss": o.float().mean().detach()})
+
+        for tokens in data:
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter([tokens]), model=[ddp],
+                num_microbatches=1, seq_length=seq, micro_batch_size=mbs, forward_only=False,
+            )  # fmt: skip
+            opt.step()
+            for m in layers:
+                m.refresh_tucker_vectors()
+        flat = torch.cat([p.detach().reshape(-1) for p in replicated])
+        both = [torch.empty_like(flat) for _ in range(2)]
+        torch.distributed.all_gather(both, flat, group=ps.get_tensor_model_parallel_group())
+        return torch.equal(both[0], both[1]), flat.numel()
+
+    same, n = run(tagged=True)
+    if not same:
+        raise AssertionError("replicated retrieval parameters differ across TP ranks")
+    control, _ = run(tagged=False)
+    if control:
+        raise AssertionError("control: the injected noise left the copies equal (test is blind)")
+    log(f"ok {n} replicated retrieval parameters bitwise equal on both TP ranks after 3 steps with "
+        "rank-local gradient noise (and differ without the TP gradient averaging)")  # fmt: skip
 
 
 def main():
