@@ -446,7 +446,7 @@ class UltraMemLayer(MegatronModule):
         kernels = self._backend()
         if kernels is None:
             return reference.weighted_gather_pool(rows, blocks, scores, self.values, self.E)
-        main_grad = getattr(self.values, "main_grad", None)
+        # The kernel's backward adds into values.main_grad (fp32 or bf16) whenever it exists.
         return kernels.gather_pool(
             rows,
             blocks,
@@ -454,12 +454,6 @@ class UltraMemLayer(MegatronModule):
             self.values,
             self.E,
             deterministic=self.config.ultramem_deterministic,
-            # The Triton backward accumulates into an fp32/fp64 buffer; with a bf16 main_grad
-            # (grad_reduce_in_fp32=False) it returns the ordinary gradient, which Megatron's DDP
-            # hook adds into main_grad.
-            accumulate_into_main_grad=(
-                main_grad is not None and main_grad.dtype in (torch.float32, torch.float64)
-            ),
         )
 
     def aggregate(self, virtual: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,12 @@ pooled: [T, E, Dv].
 
 Floors (each input read once, each output written once; elt = table bytes, s_elt = score bytes):
     forward   bytes = T*M*Dv*elt + T*M*(16 + h*s_elt) + T*E*Dv*elt,  FLOPs = 2*T*M*Dv
-    backward  bytes = T*E*Dv*elt + T*M*Dv*elt + T*M*(16 + 2*h*s_elt) + 2*U*Dv*4 (U <= min(T*M, N)
-              distinct rows, read-modify-write of an fp32 gradient), FLOPs = 4*T*M*Dv;
-              a dense values gradient adds N*Dv*(8 + elt) (zero-fill, read, cast).
+    backward  bytes = T*E*Dv*elt + T*M*Dv*elt + T*M*(16 + 2*h*s_elt) + 2*U*Dv*g_elt
+              (U <= min(T*M, N) distinct rows, read-modify-write of the destination main_grad in
+              its dtype g_elt), FLOPs = 4*T*M*Dv; without main_grad the dense gradient in the
+              table dtype costs N*Dv*elt (zero-fill) and the touched rows U*Dv*elt (fp32/fp64
+              tables: a read-modify-write, 2*U*Dv*elt). bf16 destinations add a stable sort of
+              the T*M row ids (~ tens of bytes per selection, small next to T*M*Dv*elt).
 That is ~1 FLOP per byte against an fp32 CUDA-core ridge of ~14 FLOP per byte (H200 datasheet:
 67 TFLOP/s over 4.8 TB/s): memory-bound, except that the forward's one-hot FMA multiplies its
 arithmetic by E_PAD (below). benchmarks/bench_kernels.py uses the same formulas (`*_floor`).
@@ -35,15 +38,20 @@ Design trade-off.
   the floor. Large T takes the single-pass path unchanged (SPLIT = 1, direct store in values.dtype).
 - Backward, grad_scores: one program per tile of BLOCK_K flattened selections; it loops over Dv,
   gathering the value rows and the matching grad_pooled rows and reducing their product per core.
-- Backward, grad_values: default = the same program atomically adds score * grad_pooled rows into an
-  fp32 table buffer (one pass, order-dependent rounding). `deterministic=True`: the (row, token, k)
-  triples are sorted by row (stable, so ties keep selection order); the program at the start of each
-  run of equal rows owns that row and sums its run in order, then does a plain read-modify-write.
-  No atomics, bitwise-reproducible, at the cost of a sort and a [T*M, Dv/BLOCK_D] grid in which
-  non-start programs exit after one load.
-- Megatron gradient-accumulation fusion: with `accumulate_into_main_grad=True` and a `main_grad`
-  attribute on `values`, grad_values goes straight into `values.main_grad` (fp32), so the dense
-  [N, Dv] gradient is never materialized.
+- Backward, grad_values, into an fp32/fp64 destination: by default the same program atomically
+  adds score * grad_pooled rows into it (one pass, order-dependent rounding). `deterministic=True`,
+  and always for a bf16/fp16 destination: the (row, token, k) triples are sorted by row (stable,
+  so ties keep selection order); the program at the start of each run of equal rows owns that row,
+  sums its run in order in fp32 and writes the row once (destination + sum, rounded once). No
+  atomics, bitwise-reproducible, no [N, Dv] accumulation buffer, at the cost of a sort and a
+  [T*M, Dv/BLOCK_D] grid in which non-start programs exit after one load (and of one program
+  walking a hot row's whole run: unmeasured on a GPU).
+- Destination (Megatron): whenever `values` has a `main_grad` (DDP's grad buffer: fp32 with
+  grad_reduce_in_fp32, else bf16), grad_values goes straight into it, whatever
+  gradient_accumulation_fusion says; the autograd gradient is None, or Megatron's flagged,
+  uninitialized placeholder when the param has `grad_added_to_main_grad` (`_megatron_dummy_wgrad`:
+  DDP's hook then fires without adding it). Without main_grad the gradient is a zeroed [N, Dv]
+  tensor in the table dtype written in place (no fp32 table, no cast pass).
 
 Accumulation is fp32 (fp64 for fp64 tables), like the reference. The ops are registered as opaque
 `torch.library.custom_op`s (TRITON_NOTES: `triton_op` breaks torch.compile under the interpreter),
@@ -255,7 +263,7 @@ if HAVE_TRITON:
                 # relaxed: only the final sum matters, no ordering with other memory operations.
                 tl.atomic_add(
                     gvalues_ptr + v_base[:, None] + offs_d[None, :],
-                    s_col * g,
+                    (s_col * g).to(gvalues_ptr.dtype.element_ty),  # fp32 or fp64 destination
                     mask=m2,
                     sem="relaxed",
                 )
@@ -274,7 +282,7 @@ if HAVE_TRITON:
         run_end_ptr,  # [T*M] int32: end of the run of equal rows for run starts, else own index
         blocks_ptr,  # [T*M] int64
         scores_ptr,  # [T*M, H_CORES]
-        gvalues_ptr,  # [N, Dv] fp32/fp64, read-modify-written by the row's owner only
+        gvalues_ptr,  # [N, Dv] any float dtype, written by the row's owner only
         M,
         Dv,
         DH,
@@ -283,7 +291,12 @@ if HAVE_TRITON:
         BLOCK_D: tl.constexpr,
         UNROLL: tl.constexpr,
         ACC: tl.constexpr,
+        LOAD_OLD: tl.constexpr,  # add to the destination (main_grad) instead of storing (zeros)
+        RNE_BY_HAND: tl.constexpr,
     ):
+        """Each run of equal rows is summed in ACC by the program at its start, in sorted order,
+        and the row is written once: destination = round(old + sum) (round(sum) without LOAD_OLD),
+        one rounding per element whatever the destination dtype (bf16 main_grad included)."""
         j = tl.program_id(0)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         core_d = offs_d // DH
@@ -308,8 +321,13 @@ if HAVE_TRITON:
         row = tl.load(sorted_rows_ptr + j)
         ptrs = gvalues_ptr + row * Dv + offs_d
         own = offs_d < tl.where(end > j, Dv, 0)
-        old = tl.load(ptrs, mask=own, other=0.0)
-        tl.store(ptrs, old + acc.to(gvalues_ptr.dtype.element_ty), mask=own)
+        if LOAD_OLD:
+            old = tl.load(ptrs, mask=own, other=0.0)
+            if gvalues_ptr.dtype.element_ty == tl.float64:
+                acc = old + acc.to(tl.float64)
+            else:
+                acc = old.to(ACC) + acc  # bf16/fp16 main_grad: summed in fp32, rounded once below
+        tl.store(ptrs, _cast_for_store(acc, gvalues_ptr, RNE_BY_HAND), mask=own)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -447,10 +465,18 @@ def gather_pool_backward(
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernels. No autograd.
 
-    Returns (grad_scores [T, M, h] in scores.dtype or None, grad_values buffer or None). The values
-    gradient is accumulated into `values_grad_out` when given (an fp32/fp64 [N, Dv] tensor, e.g.
-    Megatron's main_grad; it is added to, not overwritten), else into a fresh zeroed buffer in the
-    accumulation dtype that is returned.
+    Returns (grad_scores [T, M, h] in scores.dtype or None, values gradient or None).
+
+    The values gradient goes
+    - into `values_grad_out` when given (a contiguous [N, Dv] float tensor, e.g. Megatron's
+      main_grad; it is added to, not overwritten, and returned). fp32/fp64: atomic adds (the
+      default) or the sorted owner kernel (`deterministic`). bf16/fp16: always the sorted owner
+      kernel, which sums each touched row's contribution in fp32 and adds it once, so every touched
+      element is rounded once per call (and the result is deterministic whatever `deterministic`
+      says); untouched rows are not read.
+    - else into a fresh zeroed [N, Dv] tensor in values.dtype (the gradient itself): fp32/fp64
+      tables as above; bf16/fp16 tables get their touched rows summed in fp32 and stored rounded
+      once by the owner kernel. No [N, Dv] temporary in the accumulation dtype exists.
     """
     T, M, N, Dv, h = _check_inputs(rows, blocks, scores, values)
     E = grad_pooled.shape[1]
@@ -467,17 +493,21 @@ def gather_pool_backward(
     gvalues = None
     if need_values:
         if values_grad_out is not None:
-            assert values_grad_out.shape == (N, Dv) and values_grad_out.is_contiguous()
-            assert values_grad_out.dtype in (torch.float32, torch.float64)
+            assert values_grad_out.shape == (N, Dv), (values_grad_out.shape, (N, Dv))
+            assert values_grad_out.is_contiguous() and values_grad_out.is_floating_point()
+            assert values_grad_out.device == values.device
             gvalues = values_grad_out
         else:
-            gvalues = torch.zeros(N, Dv, dtype=acc, device=values.device)
+            gvalues = torch.zeros(N, Dv, dtype=values.dtype, device=values.device)
     if TM == 0 or Dv == 0:
         if gscores is not None:
             gscores.zero_()
         return gscores, gvalues
-    atomic_dv = need_values and not deterministic
+    # Atomics only into fp32/fp64 destinations: a bf16 one must see each row's whole sum at once.
+    wide = gvalues is not None and gvalues.dtype in (torch.float32, torch.float64)
+    atomic_dv = need_values and wide and not deterministic
     tl_acc = _TL_ACC[acc]
+    rne = _interpreting()
     if need_scores or atomic_dv:
         bd = block_d or _block_d(Dv, 128)
         _gather_pool_bwd_kernel[(triton.cdiv(TM, block_k),)](
@@ -486,10 +516,10 @@ def gather_pool_backward(
             gvalues if atomic_dv else grad_pooled,
             TM, M, Dv, Dv // h,
             E=E, H_CORES=h, H_PAD=_next_pow2(h), BLOCK_K=block_k, BLOCK_D=bd, ACC=tl_acc,
-            NEED_GS=need_scores, ATOMIC_DV=atomic_dv, RNE_BY_HAND=_interpreting(),
+            NEED_GS=need_scores, ATOMIC_DV=atomic_dv, RNE_BY_HAND=rne,
             num_warps=8,  # [16, 128] tiles of 64-bit pointers: 4 warps ran at 168 regs (ptxas, sm_90)
         )  # fmt: skip
-    if need_values and deterministic:
+    if need_values and not atomic_dv:
         flat_rows = rows.reshape(TM)
         # Stable sort: equal rows keep selection order, so each run is summed in a fixed order.
         sorted_rows, order = torch.sort(flat_rows, stable=True)
@@ -501,7 +531,9 @@ def gather_pool_backward(
         bd = block_d or _block_d(Dv, 256)
         _scatter_sorted_kernel[(TM, triton.cdiv(Dv, bd))](
             grad_pooled, order, sorted_rows, run_end, blocks, scores, gvalues, M, Dv, Dv // h,
-            E=E, H_CORES=h, BLOCK_D=bd, UNROLL=4, ACC=tl_acc, num_warps=2 if bd >= 256 else 1,
+            E=E, H_CORES=h, BLOCK_D=bd, UNROLL=4, ACC=tl_acc,
+            LOAD_OLD=values_grad_out is not None, RNE_BY_HAND=rne,
+            num_warps=2 if bd >= 256 else 1,
         )  # fmt: skip
     return gscores, gvalues
 
@@ -517,14 +549,12 @@ if HAVE_TRITON:
         values: torch.Tensor,
         E: int,
         deterministic: bool,
-        accumulate_into_main_grad: bool,
     ) -> torch.Tensor:
-        # deterministic / accumulate_into_main_grad only shape the backward; they are op arguments
-        # so that setup_context sees them.
+        # deterministic only shapes the backward; it is an op argument so that setup_context sees it.
         return gather_pool_forward(rows, blocks, scores, values, E)
 
     @_gather_pool_op.register_fake
-    def _(rows, blocks, scores, values, E, deterministic, accumulate_into_main_grad):
+    def _(rows, blocks, scores, values, E, deterministic):
         return values.new_empty(rows.shape[0], E, values.shape[1])
 
     @torch.library.custom_op(f"{_NAMESPACE}::gather_pool_backward", mutates_args=())
@@ -541,9 +571,10 @@ if HAVE_TRITON:
         gs, gv = gather_pool_backward(
             grad_pooled, rows, blocks, scores, values, need_scores, need_values, deterministic
         )
-        # Custom ops return tensors: an empty tensor stands for "no gradient".
+        # Custom ops return tensors: an empty tensor stands for "no gradient". gv is already in
+        # values.dtype (no cast, no accumulation-dtype table).
         gs = gs if need_scores else scores.new_empty(0)
-        gv = gv.to(values.dtype) if need_values else values.new_empty(0)
+        gv = gv if need_values else values.new_empty(0)
         return gs, gv
 
     @_gather_pool_bwd_op.register_fake
@@ -576,28 +607,32 @@ if HAVE_TRITON:
         return torch.empty_like(scores) if need_scores else scores.new_empty(0)
 
     def _setup_context(ctx, inputs, output):
-        rows, blocks, scores, values, E, deterministic, accumulate_into_main_grad = inputs
+        rows, blocks, scores, values, E, deterministic = inputs
         ctx.save_for_backward(rows, blocks, scores, values)
         ctx.deterministic = deterministic
         # The Parameter object itself (not a saved copy) carries main_grad; under torch.compile the
         # inputs are fake tensors without it, and the ordinary gradient path is taken.
-        has_main_grad = accumulate_into_main_grad and getattr(values, "main_grad", None) is not None
+        has_main_grad = getattr(values, "main_grad", None) is not None
         ctx.main_grad_param = values if has_main_grad else None
 
     def _megatron_dummy_wgrad(param: torch.Tensor) -> Optional[torch.Tensor]:
         """Megatron's convention after a fused main_grad accumulation (tensor_parallel/layers.py).
 
-        When the param has `grad_added_to_main_grad` (Megatron DDP sets it), return a dummy grad so
-        DDP's backward hook still fires (needed with overlap_grad_reduce) and flag the param so the
-        hook does not add the dummy again; zeros if `zero_out_wgrad`, else uninitialized memory.
-        Otherwise return None.
+        Megatron's DDP sets `grad_added_to_main_grad = False` on every parameter it wraps and
+        hooks each parameter's AccumulateGrad node; that hook adds `param.grad` into main_grad
+        unless the flag is True (or `zero_out_wgrad`), then drops `param.grad`. With the
+        attribute present, the flag is set and a placeholder grad is returned so that the hook
+        fires at all (with overlap_grad_reduce it asserts a grad and marks the bucket ready):
+        uninitialized memory (no kernel, no traffic; NaN under the tests' poison switch, so an
+        add by the hook would show), zeros under `zero_out_wgrad` (CUDA graphs; the hook adds
+        those). Without the attribute (no Megatron DDP) None: no autograd grad at all.
         """
         if not hasattr(param, "grad_added_to_main_grad"):
             return None
         param.grad_added_to_main_grad = True
         if getattr(param, "zero_out_wgrad", False):
             return torch.zeros_like(param)
-        return torch.empty_like(param)
+        return empty_output(*param.shape, dtype=param.dtype, device=param.device)
 
     def _backward(ctx, grad_pooled):
         rows, blocks, scores, values = ctx.saved_tensors
@@ -616,7 +651,7 @@ if HAVE_TRITON:
             )
             grad_values = grad_values if need_values else None
         grad_scores = grad_scores if need_scores else None
-        return None, None, grad_scores, grad_values, None, None, None
+        return None, None, grad_scores, grad_values, None, None
 
     _gather_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
@@ -629,7 +664,6 @@ def gather_pool(
     values: torch.Tensor,
     E: int,
     deterministic: bool = False,
-    accumulate_into_main_grad: bool = False,
 ) -> torch.Tensor:
     """Differentiable IVE + MCS pooling, same semantics as `reference.weighted_gather_pool`.
 
@@ -639,17 +673,20 @@ def gather_pool(
         scores: [T, M, h] per-core pooling weights (differentiable).
         values: [N, Dv] value table, Dv divisible by h (differentiable).
         E: number of virtual blocks.
-        deterministic: values gradient without atomics, bitwise-reproducible across runs.
-        accumulate_into_main_grad: if `values.main_grad` exists (Megatron DDP), add the values
-            gradient into it in fp32 instead of returning it (eager mode only; under torch.compile or
-            without `main_grad` the ordinary gradient is returned).
+        deterministic: values gradient without atomics, bitwise-reproducible across runs (bf16 /
+            fp16 destinations are always computed that way, see `gather_pool_backward`).
     Returns:
         [T, E, Dv] in values.dtype, accumulated in fp32 (fp64 for fp64 values).
+
+    The table's gradient: if `values` has a `main_grad` attribute (Megatron's DDP grad buffer,
+    fp32 with grad_reduce_in_fp32, else in the param dtype), it is added there, whatever
+    `gradient_accumulation_fusion` says, and the autograd gradient is None, or Megatron's flagged
+    placeholder where the parameter has `grad_added_to_main_grad` (`_megatron_dummy_wgrad`).
+    Otherwise (no main_grad, or under torch.compile, whose fake inputs carry none) the ordinary
+    gradient in values.dtype is returned. Eager mode only for main_grad.
 
     Uses the Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1), else the reference.
     """
     if not use_triton(values):
         return reference.weighted_gather_pool(rows, blocks, scores, values, E)
-    return _gather_pool_op(
-        rows, blocks, scores, values, E, deterministic, accumulate_into_main_grad
-    )
+    return _gather_pool_op(rows, blocks, scores, values, E, deterministic)

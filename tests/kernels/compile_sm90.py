@@ -56,11 +56,16 @@ def _variants():
                  NEED_GS=need_gs, ATOMIC_DV=atomic, RNE_BY_HAND=False)  # fmt: skip
         out.append((f"gather_bwd {dt[1:]} gs{int(need_gs)} atomic{int(atomic)}",
                     G._gather_pool_bwd_kernel, sig, c, 8))  # fmt: skip
-    sig = dict(grad_ptr="*bf16", order_ptr="*i64", sorted_rows_ptr="*i64", run_end_ptr="*i32",
-               blocks_ptr="*i64", scores_ptr="*fp32", gvalues_ptr="*fp32", M="i32", Dv="i32",
-               DH="i32")  # fmt: skip
-    c = dict(E=4, H_CORES=2, BLOCK_D=256, UNROLL=4, ACC=tl.float32)
-    out.append(("scatter_sorted bf16", G._scatter_sorted_kernel, sig, c, 2))
+    # (destination, LOAD_OLD): an fp32 main_grad, a bf16 main_grad (grad_reduce_in_fp32 off), and
+    # the zero-filled bf16 gradient of a table without main_grad
+    for dest, load_old in (("*fp32", True), ("*bf16", True), ("*bf16", False)):
+        sig = dict(grad_ptr="*bf16", order_ptr="*i64", sorted_rows_ptr="*i64", run_end_ptr="*i32",
+                   blocks_ptr="*i64", scores_ptr="*fp32", gvalues_ptr=dest, M="i32", Dv="i32",
+                   DH="i32")  # fmt: skip
+        c = dict(E=4, H_CORES=2, BLOCK_D=256, UNROLL=4, ACC=tl.float32, LOAD_OLD=load_old,
+                 RNE_BY_HAND=False)  # fmt: skip
+        out.append((f"scatter_sorted bf16->{dest[1:]} load_old{int(load_old)}",
+                    G._scatter_sorted_kernel, sig, c, 2))  # fmt: skip
     register = [("*bf16", 128, 2), ("*fp32", 16, 3), ("*fp64", 128, 2)]  # (dtype, M_PAD, r)
     tiled = [("*bf16", 768, 2), ("*bf16", 129, 2), ("*fp32", 13, 2), ("*fp32", 1024, 3),
              ("*fp64", 257, 2)]  # fmt: skip  (dtype, m, r)

@@ -7,6 +7,7 @@ both against the float64 reference; require  kernel_err <= 2 * torch_err + ATOL[
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -240,48 +241,201 @@ def test_poison_switch_is_on():
     assert (G.empty_output(3, dtype=torch.int64, device=DEVICE) == -1).all()
 
 
+# ----------------------------------------------------------------------------- main_grad
+# Megatron's DDP gives every parameter a `main_grad` (fp32 with grad_reduce_in_fp32, else the param
+# dtype) and `grad_added_to_main_grad = False`. Table dtype per main_grad dtype: the paper's bf16
+# table for fp32 and bf16 main_grads, an fp16 table for an fp16 main_grad.
+MAIN_DTYPES = {torch.float32: torch.bfloat16, torch.bfloat16: torch.bfloat16,
+               torch.float16: torch.float16}  # fmt: skip
+
+
+def kernel_fp32_sum(rows, blocks, scores, values, grad_out):
+    """The kernel's own fp32 table gradient of one micro-batch (sorted path, into fp32 zeros: the
+    fixed-order sum before any rounding to a narrower main_grad)."""
+    zeros = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
+    _, c32 = G.gather_pool_backward(
+        grad_out, rows, blocks, scores, values, need_scores=False, deterministic=True,
+        values_grad_out=zeros,
+    )  # fmt: skip
+    return c32
+
+
+def table_param(values, main_dtype, seed, ddp_flag):
+    param = torch.nn.Parameter(values.clone())
+    param.main_grad = randn(*values.shape, seed=seed).to(main_dtype)
+    if ddp_flag:
+        param.grad_added_to_main_grad = False  # Megatron's DDP sets it on every param it wraps
+    return param
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
-@pytest.mark.parametrize("megatron_ddp", [False, True], ids=["plain", "ddp-flag"])
-def test_main_grad_accumulation(deterministic, megatron_ddp):
-    """Gradient-accumulation fusion: the table gradient is added into values.main_grad (fp32)."""
+@pytest.mark.parametrize("ddp_flag", [False, True], ids=["plain", "ddp-flag"])
+@pytest.mark.parametrize("main_dtype", list(MAIN_DTYPES), ids=str)
+def test_main_grad_two_micro_batches(main_dtype, ddp_flag, deterministic):
+    """The table gradient goes into values.main_grad (no flag needed), twice in a row.
+
+    fp32 main_grad: M0 + 2c to fp32 rounding (sorted: bitwise (M0 + c32) + c32, c32 = the
+    kernel's fp32 sum). bf16/fp16 main_grad (grad_reduce_in_fp32=False): each micro-batch's fp32
+    sum is added to the fp32 value of main_grad and rounded once, i.e. bitwise
+    B1 = round(B0 + c32), B2 = round(B1 + c32), in both modes (narrow destinations always take
+    the sorted path). The autograd grad is None, or Megatron's flagged placeholder."""
+    case = CASES[0]  # 35 selections over 11 rows: runs of equal rows within and across tokens
+    T, M, N, Dv, h, E = case
+    dtype = MAIN_DTYPES[main_dtype]
+    rows, blocks, scores, values = make_inputs(case, dtype, seed=4)
+    grad_out = randn(T, E, Dv, seed=100).to(dtype)
+    param = table_param(values, main_dtype, 101, ddp_flag)
+    start = param.main_grad.clone()
+    s64, v64 = leaf(scores, torch.float64), leaf(values, torch.float64)
+    R.weighted_gather_pool(rows, blocks, s64, v64, E).backward(grad_out.double())
+    c32 = kernel_fp32_sum(rows, blocks, scores, values, grad_out)
+    assert err(c32, v64.grad) <= 1e-5  # fp32 sums of <= 7 exact bf16 x bf16 products
+    after = []
+    for _ in range(2):
+        s = leaf(scores)
+        gather_pool(rows, blocks, s, param, E, deterministic).backward(grad_out)
+        assert err(s.grad, s64.grad) <= ATOL[dtype]
+        after.append(param.main_grad.clone())
+        if ddp_flag:  # Megatron's convention: a placeholder so DDP's hook fires, flagged as added
+            assert param.grad_added_to_main_grad is True
+            assert param.grad.shape == param.shape and param.grad.dtype == param.dtype
+            param.grad, param.grad_added_to_main_grad = None, False  # what DDP's hook / reset do
+        else:
+            assert param.grad is None  # no autograd gradient at all
+    if main_dtype == torch.float32:
+        assert err(after[1], start.double() + 2 * v64.grad) <= 2e-5
+        if deterministic:
+            assert torch.equal(after[0], start + c32) and torch.equal(after[1], after[0] + c32)
+    else:
+        one = (start.float() + c32).to(main_dtype)
+        assert torch.equal(after[0], one)  # rounded once, per touched element
+        assert torch.equal(after[1], (one.float() + c32).to(main_dtype))
+        untouched = torch.ones(N, dtype=torch.bool, device=rows.device)
+        untouched[rows.reshape(-1)] = False
+        assert torch.equal(after[1][untouched], start[untouched])
+
+
+@pytest.mark.parametrize("dest", ["fp32 main_grad", "bf16 main_grad", "grad"])
+def test_main_grad_deterministic_is_bitwise_reproducible(dest):
+    """Sorted path with heavy duplication: two runs from the same main_grad give the same bits."""
+    case = (7, 9, 3, 10, 2, 3)  # 63 selections over 3 rows: long runs of equal rows
+    T, M, N, Dv, h, E = case
+    rows, blocks, scores, values = make_inputs(case, torch.bfloat16, seed=3)
+    grad_out = randn(T, E, Dv, seed=100).to(torch.bfloat16)
+    results = []
+    for _ in range(2):
+        if dest == "grad":
+            param = leaf(values)
+        else:
+            param = table_param(values, torch.float32 if "fp32" in dest else torch.bfloat16, 9, 0)
+        gather_pool(rows, blocks, scores, param, E, deterministic=True).backward(grad_out)
+        results.append(param.grad if dest == "grad" else param.main_grad)
+    assert torch.equal(results[0], results[1])
+
+
+class FreshTensors(TorchDispatchMode):
+    """Records (op, shape, dtype) of every tensor of >= min_numel elements that an op creates (its
+    storage is none of the op's inputs': views and in-place results are not counted)."""
+
+    def __init__(self, min_numel):
+        super().__init__()
+        self.min_numel, self.seen = min_numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            x.untyped_storage().data_ptr()
+            for x in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(x, torch.Tensor)
+        }
+        for x in torch.utils._pytree.tree_leaves(out):
+            if isinstance(x, torch.Tensor) and x.numel() >= self.min_numel:
+                if x.untyped_storage().data_ptr() not in inputs:
+                    self.seen.append((str(func), tuple(x.shape), x.dtype))
+        return out
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
+@pytest.mark.parametrize("dest", ["fp32 main_grad", "bf16 main_grad", "ddp-flag", "grad"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_no_dense_temporary(dtype, dest, deterministic):
+    """Tensors of >= N*Dv/2 elements created in backward, through the launcher and through
+    autograd: none with a main_grad; Megatron's placeholder (torch.empty: no kernel) when flagged;
+    without main_grad only the gradient itself, in the table dtype (no fp32 table, no cast copy).
+    N*Dv = 1536 elements against T*M = 15 selections, T*E*Dv = 216 pooled elements."""
+    case = (3, 5, 64, 24, 2, 3)
+    T, M, N, Dv, h, E = case
+    rows, blocks, scores, values = make_inputs(case, dtype, seed=11)
+    grad_out = randn(T, E, Dv, seed=104).to(dtype)
+    big = N * Dv // 2
+    main_dtype = torch.bfloat16 if dest == "bf16 main_grad" else torch.float32
+    if dest == "grad":
+        param = leaf(values)
+    else:
+        param = table_param(values, main_dtype, 12, ddp_flag=dest == "ddp-flag")
+    main = getattr(param, "main_grad", None)
+    with FreshTensors(big) as launcher:
+        G.gather_pool_backward(grad_out, rows, blocks, scores, values,
+                               deterministic=deterministic, values_grad_out=main)  # fmt: skip
+    s = leaf(scores)
+    out = gather_pool(rows, blocks, s, param, E, deterministic)
+    with FreshTensors(big) as autograd:  # the dispatch mode also sees the backward's ops
+        out.backward(grad_out)
+    dense = [(N, Dv), dtype]
+    if dest == "grad":
+        assert [x[1:] for x in launcher.seen] == [tuple(dense)], launcher.seen
+        assert [x[1:] for x in autograd.seen] == [tuple(dense)], autograd.seen  # the grad itself
+    else:
+        assert launcher.seen == []
+        if dest == "ddp-flag":
+            assert autograd.seen == [("aten.empty.memory_format", *dense)], autograd.seen
+        else:
+            assert autograd.seen == [] and param.grad is None
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize("fp32_reduce", [False, True], ids=["bf16-buffer", "fp32-buffer"])
+def test_megatron_ddp_hook(megatron_world, fp32_reduce, overlap):
+    """Megatron's own DistributedDataParallel (world of 1, gloo) around a bf16 table: two
+    micro-batches (the first under no_sync, as Megatron's schedules do), then finish_grad_sync.
+    DDP's AccumulateGrad hook must fire (overlap_grad_reduce asserts a grad and marks the bucket
+    ready) and must not add the placeholder (NaN under the poison switch) into main_grad."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from helpers import small_config
+
+    class Pool(torch.nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.values = torch.nn.Parameter(values.clone())
+
+        def forward(self, rows, blocks, scores, E):
+            return gather_pool(rows, blocks, scores, self.values, E)
+
     case = CASES[0]
     T, M, N, Dv, h, E = case
-    rows, blocks, scores, values = make_inputs(case, torch.bfloat16, seed=4)
-    param = torch.nn.Parameter(values.clone())
-    param.main_grad = randn(N, Dv, seed=101).float()
-    before = param.main_grad.clone()
-    if megatron_ddp:
-        param.grad_added_to_main_grad = False  # Megatron DDP sets this on every param
-    s = leaf(scores)
-    out = gather_pool(rows, blocks, s, param, E, deterministic, accumulate_into_main_grad=True)
-    grad_out = randn(T, E, Dv, seed=100)
-    out.backward(grad_out.to(torch.bfloat16))
-
-    s64, v64 = leaf(scores, torch.float64), leaf(values, torch.float64)
-    R.weighted_gather_pool(rows, blocks, s64, v64, E).backward(grad_out.to(torch.bfloat16).double())
-    # fp32 accumulation of exact bf16 products onto an fp32 buffer: fp32 rounding only.
-    assert err(param.main_grad, before.double() + v64.grad) <= 1e-5
-    assert err(s.grad, s64.grad) <= ATOL[torch.bfloat16]
-    if megatron_ddp:
-        # Megatron's convention: a dummy grad so DDP's hook fires, flagged as already added.
-        assert param.grad_added_to_main_grad is True
-        assert param.grad is not None and param.grad.shape == param.shape
+    rows, blocks, scores, values = make_inputs(case, torch.bfloat16, seed=13)
+    grad_out = randn(T, E, Dv, seed=105).to(torch.bfloat16)
+    module = Pool(values)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=fp32_reduce, overlap_grad_reduce=overlap
+    )
+    ddp = DistributedDataParallel(small_config(torch.bfloat16), ddp_config, module)
+    ddp.zero_grad_buffer()
+    param = module.values
+    assert param.main_grad.dtype == (torch.float32 if fp32_reduce else torch.bfloat16)
+    with ddp.no_sync():
+        ddp(rows, blocks, scores, E).backward(grad_out)
+    ddp(rows, blocks, scores, E).backward(grad_out)
+    ddp.finish_grad_sync()  # with overlap: fails unless the hook marked the param ready
+    assert param.grad is None  # the hook dropped the placeholder
+    c32 = kernel_fp32_sum(rows, blocks, scores, values, grad_out)
+    if fp32_reduce:
+        assert err(param.main_grad, 2 * c32.double()) <= 1e-5  # atomic fp32 adds
     else:
-        assert param.grad is None
-
-
-def test_main_grad_flag_without_main_grad_returns_grad():
-    """accumulate_into_main_grad=True on a table without main_grad falls back to a normal grad."""
-    case = CASES[0]
-    E = case[-1]
-    rows, blocks, scores, values = make_inputs(case, torch.float32, seed=5)
-    v = leaf(values)
-    out = gather_pool(rows, blocks, scores, v, E, accumulate_into_main_grad=True)
-    grad_out = randn(*out.shape, seed=102).to(out.dtype)
-    out.backward(grad_out)
-    v64 = leaf(values, torch.float64)
-    R.weighted_gather_pool(rows, blocks, scores.double(), v64, E).backward(grad_out.double())
-    assert err(v.grad, v64.grad) <= ATOL[torch.float32]
+        once = c32.to(torch.bfloat16)
+        assert torch.equal(param.main_grad, (once.float() + c32).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
