@@ -197,12 +197,15 @@ def test_bad_run_flags_are_refused_before_work(tmp_path, flags, message):
 
 def test_bf16_training_tracks_fp32(tmp_path):
     """Megatron's mixed precision (Float16Module, bf16 grads, fp32 main params in Megatron's
-    optimizer), with grad_reduce_in_fp32 off and on: 100 steps without NaN/inf, and the final
-    loss within 3% of the fp32 run (bf16 keeps 8 mantissa bits, about 0.4% per rounding; over
-    100 Adam steps the runs drift apart by about 1% at this size, measured; a broken bf16 path
-    (wrong loss scale, lost updates) is off by far more)."""
+    optimizer), with grad_reduce_in_fp32 off and on: 100 steps without NaN/inf, the validation
+    loss still falling between steps 50 and 100 (by 25-27% in every run measured; lost updates
+    would stall it), and the final validation loss (4 batches, the same for every run) within 6%
+    of the fp32 run's. Why 6%: bf16 keeps 8 mantissa bits, and over 100 Adam steps the bf16 and
+    fp32 runs drift apart by 0.3% to 3.0% on this machine kind, measured at 1 and 2 threads (the
+    CPU's bf16 reductions depend on the thread count, so CI may see other values in that range);
+    a broken bf16 path (wrong scale, lost updates) stays near the initial loss of ~5.5."""
     common = ["--train-iters", "100", "--warmup-iters", "10", "--eval-interval", "50",
-              "--eval-iters", "1", "--micro-batch-size", "8", "--seq-length", "64", "--no-progress"]  # fmt: skip
+              "--eval-iters", "4", "--micro-batch-size", "8", "--seq-length", "64", "--no-progress"]  # fmt: skip
     finals = {}
     for name, extra in (("fp32", []), ("bf16", ["--bf16"]),
                         ("bf16_fp32_reduce", ["--bf16", "--grad-reduce-in-fp32"])):  # fmt: skip
@@ -210,6 +213,52 @@ def test_bf16_training_tracks_fp32(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         losses, metrics = _losses(tmp_path / name)
         assert all(math.isfinite(v) for v in losses.values()) and len(losses) == 100
-        finals[name] = metrics["final_train_loss"]
+        valid = metrics["valid_loss"]
+        assert valid["100"] < 0.85 * valid["50"], (name, valid)
+        finals[name] = metrics["final_valid_loss"]
     for name in ("bf16", "bf16_fp32_reduce"):
-        assert abs(finals[name] - finals["fp32"]) < 0.03 * finals["fp32"], finals
+        assert abs(finals[name] - finals["fp32"]) < 0.06 * finals["fp32"], finals
+
+
+# ---------------------------------------------------------------------- --compare (issue 13)
+def test_compare_trains_ultramem_and_a_matched_moe(tmp_path):
+    proc = _run(["--compare", "--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1",
+                 "--warmup-iters", "1", "--micro-batch-size", "4", "--seq-length", "32",
+                 "--no-progress", "--output-dir", "cmp"], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "cmp"
+    summary = json.loads((out / "compare_metrics.json").read_text())
+    for name in ("ultramem", "moe"):
+        r = summary[name]
+        assert len(r["train_loss"]) == 4 and r["valid_loss"] and math.isfinite(r["final_valid_loss"])
+        assert r["args"]["seed"] == summary["same_seed_and_data_order"]["seed"]
+        assert (out / name / "metrics.json").exists()
+    assert summary["ultramem"]["memory_layers"] == 2 and summary["moe"]["memory_layers"] == 0
+    assert summary["moe"]["model"].startswith("MoE top-")
+    rel = summary["matched"]["moe_vs_ultramem_relative"]
+    assert abs(rel["total"]) <= 0.01 and abs(rel["active"]) <= 0.01
+    assert summary["valid_loss_ultramem_minus_moe"] == pytest.approx(
+        summary["ultramem"]["final_valid_loss"] - summary["moe"]["final_valid_loss"])
+    png = (out / "compare_loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_compare_refuses_checkpoints_and_skip_mode(tmp_path):
+    for flags, message in ((["--save", "ck"], "--compare does not take --save"),
+                           (["--ultramem-mode", "skip"], "--compare needs --ultramem-mode")):  # fmt: skip
+        proc = _run(["--compare", "--no-progress"] + flags, tmp_path)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ultramem_run").exists()
+
+
+def test_moe_of_matched_size_for_the_default_model():
+    from megatron_ultramem import train
+    from megatron_ultramem.experiments.compare import moe_like_ultramem, ultramem_slot
+
+    args = train.build_parser().parse_args([])
+    moe, err = moe_like_ultramem(args)
+    slot = ultramem_slot(args)
+    assert max(err.values()) < 0.01
+    assert abs(moe.total_params / slot.total_params - 1) < 0.01
+    assert abs(moe.active_params / slot.active_params - 1) < 0.01
+    assert moe.moe_layer_freq == [0, 1, 0, 1] and moe.topk < moe.num_experts

@@ -67,6 +67,10 @@ def fake_get_args(monkeypatch):
     fake = types.ModuleType("megatron.training")
     fake.get_args = lambda: holder["args"]
     monkeypatch.setitem(sys.modules, "megatron.training", fake)
+    # megatron-core >= 0.17 ships megatron.training: once any test imported its `arguments`, a
+    # `from megatron.training.arguments import ...` finds that real module despite the fake package
+    # above. None in sys.modules makes that import fail as it does without Megatron-LM.
+    monkeypatch.setitem(sys.modules, "megatron.training.arguments", None)
     pkg.reset_spec_cache()
     yield holder
     pkg.reset_spec_cache()
