@@ -13,6 +13,21 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist workers (pyproject's `-n auto`): split the cores between them, so that two workers
+# on CI's 2 cores do not each run 2 intra-op threads.
+# Subprocesses (the main job, torchrun workers, benchmarks) inherit OMP_NUM_THREADS.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4. The suite is mostly small single-threaded tests
+    and subprocesses; each worker holds torch + Megatron-Core (about 1 GB), so a many-core machine
+    gains little from more."""
+    return max(1, min(4, os.cpu_count() or 1))
+
 
 def _free_port() -> int:
     with socket.socket() as s:
