@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, metavar="DIR",
                    help="resume from the latest checkpoint in DIR (with --save DIR: resume if "
                    "there is one, else start)")
+    g = p.add_argument_group("comparison")
+    g.add_argument("--compare", action="store_true",
+                   help="train this UltraMem model and a MoE of matched total and activated "
+                   "parameters one after the other (same data order, same seed) and write "
+                   "compare_loss_curve.png and compare_metrics.json to --output-dir (each model's "
+                   "own files go to --output-dir/ultramem and --output-dir/moe)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="ultramem_run")
     g.add_argument("--no-progress", action="store_true", help="disable the progress bar")
@@ -472,12 +478,16 @@ def masked_loss_sum(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), mask.sum()])}
 
 
-def train(args) -> Dict:
+def train(args, build=None) -> Dict:
     """Run the main job; returns the metrics dict that is also written to metrics.json.
 
     Megatron's training step: DistributedDataParallel (grad buffers, finalize_model_grads), the
     forward-backward schedule with one micro-batch, Megatron's optimizer (fp32, or bf16 through
     Float16Module with fp32 main params), the value-LR scheduler, then the Tucker refresh.
+
+    `build(args) -> (config, model, name)` replaces the UltraMem model built from the flags (the
+    --compare mode trains its MoE through this loop); it runs where the default model is built,
+    after the seed is set, and its config must carry what build_optimizer reads.
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import (
@@ -495,8 +505,12 @@ def train(args) -> Dict:
     init_distributed(args.tensor_model_parallel_size, args.expert_model_parallel_size, args.seed)
     rank = torch.distributed.get_rank()
     torch.manual_seed(args.seed)
-    config = make_config(args)
-    model = build_model(config, vocab_size(args), args.seq_length)
+    if build is None:
+        config = make_config(args)
+        model = build_model(config, vocab_size(args), args.seq_length)
+        name = f"UltraMem ({args.ultramem_mode})"
+    else:
+        config, model, name = build(args)
     layers = memory_layers(model)
     if args.bf16:
         from megatron.core.transformer.module import Float16Module
@@ -623,6 +637,7 @@ def train(args) -> Dict:
         "wall_seconds": wall,
         "parameters": n_params,
         "value_table_parameters": n_values,
+        "model": name,
         "memory_layers": len(layers),
         "train_loss": dict(zip(steps, losses)),
         "valid_loss": dict(zip(eval_steps, eval_losses)),
@@ -632,7 +647,7 @@ def train(args) -> Dict:
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         png = os.path.join(args.output_dir, "loss_curve.png")
-        title = f"GPT {args.num_layers}L/{args.hidden_size}d + UltraMem ({args.ultramem_mode})"
+        title = f"GPT {args.num_layers}L/{args.hidden_size}d + {name}"
         _atomic_write(png, lambda tmp: _plot(tmp, steps, losses, eval_steps, eval_losses, title))
         _atomic_write(
             os.path.join(args.output_dir, "metrics.json"),
@@ -676,4 +691,8 @@ def _quiet_megatron() -> None:
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = build_parser().parse_args(argv)
     _quiet_megatron()
+    if args.compare:
+        from .experiments.compare import compare
+
+        return compare(args)
     return train(args)

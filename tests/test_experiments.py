@@ -109,6 +109,103 @@ def test_fact_recall_on_an_untrained_model(megatron_world):
     assert lp.shape == (2,) and (lp < 0).all()
 
 
+def test_value_spans_point_at_each_stated_value():
+    fc = corpus.make_corpus(corpus.QUICK_SPEC)
+    assert len(fc.valid_value_spans) == fc.spec.num_valid_docs * fc.spec.facts_per_doc
+    facts = {(e, r): v for e, r, v in fc.facts}
+    for a, b in fc.valid_value_spans:
+        value = fc.valid_text[a:b]
+        # the value is a whole word of some stated fact, and the fact's entity precedes or follows
+        assert value in corpus.RELATIONS["color"] + corpus.RELATIONS["city"] + \
+            corpus.RELATIONS["food"] + corpus.RELATIONS["number"], value
+        assert not fc.valid_text[b].isalnum() and not fc.valid_text[a - 1].isalnum()
+        line_start = fc.valid_text.rfind("\n", 0, a) + 1
+        line = fc.valid_text[line_start : fc.valid_text.find("\n", b)]
+        assert any(v == value and e in line for (e, _), v in facts.items())
+
+
+def test_value_loss_on_an_untrained_model(megatron_world):
+    size = configs.QUICK_SIZE
+    model, _ = configs.build_model(configs.variant_by_name(size, "dense"), size)
+    fc = corpus.make_corpus(corpus.QUICK_SPEC)
+    split = corpus.value_loss(model, fc, size.seq_length, num_windows=8)
+    assert split["values"] > 10 and split["other_bytes"] > 8 * size.seq_length * 0.7
+    # untrained: about ln(256) = 5.55 nats per byte, values are 2-7 bytes long
+    assert 4.5 < split["other_nats_per_byte"] < 6.5
+    assert 2 * 4.5 < split["value_nats"] < 7 * 6.5
+
+
+def test_previous_init_is_the_uncalibrated_paper_init(megatron_world):
+    """ultramem_prev_init = the calibrated model with each table times the winners' RMS score:
+    values ~ N(0, E/(2 m H L)) as before the calibration, everything else unchanged."""
+    import math
+
+    import torch
+
+    from megatron_ultramem.layer import UltraMemLayer
+
+    size = configs.QUICK_SIZE
+    new, _ = configs.build_model(configs.variant_by_name(size, "ultramem"), size, seed=7)
+    old, _ = configs.build_model(configs.variant_by_name(size, "ultramem_prev_init"), size, seed=7)
+    new_layers = [m for m in new.modules() if isinstance(m, UltraMemLayer)]
+    old_layers = [m for m in old.modules() if isinstance(m, UltraMemLayer)]
+    assert new_layers and len(new_layers) == len(old_layers)
+    for a, b in zip(new_layers, old_layers):
+        rms = a.winner_score_rms()
+        assert rms > 2  # the top-m winners' scores are far from unit mean square
+        assert torch.allclose(b.values, a.values * rms, rtol=1e-6, atol=0)
+        paper_std = math.sqrt(a.E / (2.0 * a.m * a.H * size.num_layers))
+        assert abs(b.values.std().item() / paper_std - 1) < 0.05  # N*Dv draws: ~1% sampling error
+    names = {n for n, _ in new.named_parameters()}
+    for (n, p), (_, q) in zip(new.named_parameters(), old.named_parameters()):
+        if not n.endswith(".values"):
+            assert torch.equal(p, q), n
+    assert any(n.endswith(".values") for n in names)
+
+
+def test_ablation_and_scaling_variants():
+    size = configs.ModelSize()
+    by = {v.name: v for v in configs.matched_variants(size)}
+    assert set(configs.ABLATIONS) <= set(by) and set(configs.QUALITY) <= set(by)
+    assert by["ultramem_no_value_lr_decay"].value_lr_mult == 1.0
+    assert by["ultramem"].value_lr_mult is None  # the main job's default rho0 = 4
+    assert by["ultramem_prev_init"].ultramem == by["ultramem"].ultramem
+    cfg = configs.build_config(by["ultramem_no_value_lr_decay"], size)
+    assert cfg.ultramem_value_lr_mult == 1.0
+    assert configs.build_config(by["ultramem"], size).ultramem_value_lr_mult == 4.0
+    assert set(configs.PAPER_TABLE2) == set(configs.ABLATIONS)
+
+    from megatron_ultramem.experiments import scaling
+
+    variants = configs.scaling_variants(size, scaling.NUM_KEYS)
+    scaling.check_fixed_active(variants, size)  # activated and FLOPs within the sweep's tolerances
+    assert any(v is by["ultramem"] or v == by["ultramem"] for v in variants)  # shared runs
+    Ns = [v.ultramem.num_values for v in variants]
+    assert Ns == sorted(Ns) and Ns[-1] / Ns[0] >= 16 and len(Ns) >= 4
+    totals = [configs.analytic_counts(v, size)["total"] for v in variants]
+    assert totals == sorted(totals)
+    # a larger grid pays for its key tables with a smaller dense MLP (fixed activated parameters)
+    fds = [v.ultramem.dense_ffn_hidden_size for v in variants]
+    assert fds == sorted(fds, reverse=True)
+
+
+def test_scaling_variants_build_with_their_analytic_counts(megatron_world):
+    from megatron_ultramem.experiments import scaling
+
+    size = configs.QUICK_SIZE
+    for v in configs.scaling_variants(size, scaling.QUICK_NUM_KEYS):
+        model, _ = configs.build_model(v, size)
+        assert configs.measured_counts(model, size.seq_length) == configs.analytic_counts(v, size)
+
+
+def test_pooled_comparison():
+    from megatron_ultramem.experiments.quality import compare
+
+    c = compare([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])
+    assert c["diff"] == -1.0 and c["pooled_std"] == 1.0 and c["diff_in_pooled_std"] == -1.0
+    assert abs(c["welch_t"] + 1 / (2 / 3) ** 0.5) < 1e-12
+
+
 # ---------------------------------------------------------------------- CLI smoke runs
 def _run(args, cwd, timeout=600):  # a guard only: a loaded 2-core machine needs minutes
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -118,8 +215,16 @@ def _run(args, cwd, timeout=600):  # a guard only: a loaded 2-core machine needs
     )  # fmt: skip
 
 
-def test_quality_quick_writes_its_files(tmp_path):
-    proc = _run(["quality", "--quick", "--out", str(tmp_path), "--work", str(tmp_path / "w")], tmp_path)
+def test_quick_sweep_ablations_scaling_write_their_files_and_share_runs(tmp_path):
+    """quality, ablations and scaling (--quick) on one run cache, as the README's commands run them:
+    the ablations load the sweep's UltraMem runs instead of training them again; each writes its
+    .md (with command, machine and load), its plot and the JSON summary the README is built from."""
+    import json
+
+    from megatron_ultramem.experiments import readme, scaling
+
+    work = str(tmp_path / "w")
+    proc = _run(["quality", "--quick", "--out", str(tmp_path), "--work", work], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "evidence_quality_cpu_quick.md").read_text()
     for name in ("moe", "dense", "pkm", "ultramem", "ultramem_no_ive", "ultramem_no_tdqkr",
@@ -129,6 +234,45 @@ def test_quality_quick_writes_its_files(tmp_path):
     assert "± " in md  # 2 seeds of the headline pair
     png = (tmp_path / "evidence_quality_cpu_quick.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    quality = json.loads((tmp_path / "evidence_quality_cpu_quick.json").read_text())
+    assert set(quality["variants"]) == {"ultramem", "moe", "pkm", "dense"}
+    u, m = quality["variants"]["ultramem"]["valid_loss"], quality["variants"]["moe"]["valid_loss"]
+    assert quality["ultramem_minus_moe"]["diff"] == pytest.approx(u["mean"] - m["mean"])
+
+    proc = _run(["ablations", "--quick", "--out", str(tmp_path), "--work", work], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ultramem seed") == 2 and "ultramem seed 0: loaded" in proc.stdout
+    md = (tmp_path / "evidence_ablations_cpu_quick.md").read_text()
+    for name in ("ultramem",) + configs.ABLATIONS:
+        assert f"| {name} |" in md or f"| `{name}` |" in md, name
+    for paper in ("-0.017", "-0.008", "-0.003", "-0.022"):
+        assert paper in md
+    assert "Command" in md and "load average" in md and "± " in md
+    ablations = json.loads((tmp_path / "evidence_ablations_cpu_quick.json").read_text())
+    assert set(ablations["effects"]) == set(configs.ABLATIONS)
+    v = ablations["variants"]
+    for name, e in ablations["effects"].items():  # effect = mean(UltraMem) - mean(ablation)
+        assert e["effect"] == pytest.approx(v["ultramem"]["valid_loss"]["mean"] - v[name]["valid_loss"]["mean"])
+
+    proc = _run(["scaling", "--quick", "--out", str(tmp_path), "--work", work], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "evidence_scaling_cpu_quick.md").read_text()
+    assert "## Results" in md and "per doubling" in md and "load average" in md
+    png = (tmp_path / "evidence_scaling_cpu_quick.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    points = json.loads((tmp_path / "evidence_scaling_cpu_quick.json").read_text())["points"]
+    assert [p["n"] for p in points] == sorted(scaling.QUICK_NUM_KEYS)
+    assert all(p["seeds"] == 2 and p["N"] == p["n"] ** 2 for p in points)
+
+    # the README table from these files (renamed as the committed ones are)
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("quality", "ablations", "scaling"):
+        src = tmp_path / f"evidence_{name}_cpu_quick.json"
+        (results / f"evidence_{name}_cpu.json").write_text(src.read_text())
+    rows = "\n".join(readme.table(str(results)))
+    assert f"{u['mean']:.4f} ± {u['std']:.4f}" in rows and "per doubling of N" in rows
+    assert "| main_job_cpu.json | not measured yet |" in rows
 
 
 def test_decode_quick_writes_its_file(tmp_path):
@@ -139,3 +283,38 @@ def test_decode_quick_writes_its_file(tmp_path):
     assert "## Targets" in md and "## Training step" in md
     for b in (1, 4, 16):
         assert f"\n| {b} |" in md
+
+
+
+
+@pytest.mark.parametrize("compare", [False, True], ids=["main", "compare"])
+def test_mainjob_records_the_main_job(tmp_path, compare):
+    """`experiments mainjob` runs the main job in a fresh process and writes its .md, plot and the
+    JSON the README row is built from, with the numbers of the run's own metrics.json."""
+    import json
+
+    from megatron_ultramem.experiments import readme
+
+    flags = "--train-iters 4 --eval-interval 2 --eval-iters 1 --warmup-iters 1 --micro-batch-size 4 --seq-length 32"
+    proc = _run(["mainjob", "--out", str(tmp_path), "--flags", flags] + (["--compare"] if compare else []),
+                tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = "compare_cpu" if compare else "main_job_cpu"
+    md = (tmp_path / f"{name}.md").read_text()
+    assert "Command" in md and "load average" in md and flags in md
+    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    blob = json.loads((tmp_path / f"{name}.json").read_text())
+    row = readme.ROWS[[r[0] for r in readme.ROWS].index(f"{name}.json")][1](blob)
+    if compare:
+        assert blob["ultramem"] > 0 and blob["moe"] > 0 and f"{blob['ultramem']:.4f}" in row[1]
+    else:
+        assert blob["train_iters"] == 4 and blob["wall_seconds"] > 0
+        assert f"validation {blob['final_valid_loss']:.3f}" in row[1]
+
+
+def test_readme_results_table_is_built_from_the_committed_files():
+    """README.md's results section is exactly what `experiments readme` builds from
+    benchmarks/results (run `python -m megatron_ultramem.experiments readme` after a benchmark)."""
+    proc = _run(["readme", "--check", "--readme", os.path.join(ROOT, "README.md"),
+                 "--results", os.path.join(ROOT, "benchmarks", "results")], ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr

@@ -1,38 +1,70 @@
-"""Evidence at CPU scale (issue 6).
+"""Evidence at CPU scale.
 
-    python -m megatron_ultramem.experiments quality [--quick] [--seeds 2] [--out DIR]
-    python -m megatron_ultramem.experiments decode  [--quick] [--out DIR]
-    python -m megatron_ultramem.experiments configs [--quick] [--build]
+    python -m megatron_ultramem.experiments quality   [--quick] [--seeds 3] [--out DIR] [--wait-load 1.5]
+    python -m megatron_ultramem.experiments ablations [--quick] [--seeds 2] [--out DIR] [--wait-load 1.5]
+    python -m megatron_ultramem.experiments scaling   [--quick] [--seeds 2] [--num-keys 20,40,79,112]
+    python -m megatron_ultramem.experiments decode    [--quick] [--out DIR]
+    python -m megatron_ultramem.experiments configs   [--quick] [--build]
+    python -m megatron_ultramem.experiments mainjob   [--compare]
+    python -m megatron_ultramem.experiments readme    [--check]
 
-`quality` trains every matched configuration (configs.py) on the fact corpus (corpus.py) and writes
-evidence_quality_cpu.md + .png; `decode` times one decode step of the MLP slot and counts the
-parameter bytes it reads (decode.py) and writes evidence_decode_cpu.md; `configs` prints and
-checks the matched configurations. `--quick` is the CI smoke size (files get a `_quick` suffix).
+`quality` trains dense, MoE, PKM and UltraMem at matched total and activated parameters and FLOPs
+(configs.py) on the fact corpus (corpus.py) and writes evidence_quality_cpu.md + .png;
+`ablations` trains UltraMem without IVE, TDQKR, MCS, the value-LR decay and with the previous init
+(evidence_ablations_cpu.md); `scaling` trains UltraMem at several value-table sizes N at the MoE's
+activated parameters (evidence_scaling_cpu.md + .png). The three share one run cache (--work):
+runs with the same settings, variant and seed are trained once (the ablations' and the scaling's
+UltraMem baseline are the sweep's runs). `decode` times one decode step of the MLP slot and
+counts the parameter bytes it reads (decode.py); `configs` prints and checks the matched
+configurations. `--quick` is the CI smoke size (files get a `_quick` suffix). `mainjob` runs and
+records the main job (main_job_cpu.md/.json; `--compare`: compare_cpu.md/.json); `readme` rebuilds
+the README's results table from the results files' JSON (`--check`: fail if it is out of date).
 """
 
 import argparse
 import sys
 
 
+def _training_flags(q: argparse.ArgumentParser, seeds_help: str) -> None:
+    q.add_argument("--quick", action="store_true", help="CI smoke size (well under 60 s)")
+    q.add_argument("--seeds", type=int, default=None, help=seeds_help)
+    q.add_argument("--out", default="benchmarks/results", help="where the .md and .png go")
+    q.add_argument("--work", default=None,
+                   help="data cache and per-run JSON, shared by quality/ablations/scaling "
+                   "(default: a folder in the temp dir)")  # fmt: skip
+    q.add_argument("--train-iters", type=int, default=None, help="override the step count")
+    q.add_argument("--entities", type=int, default=None, help="override the corpus' entity count")
+    q.add_argument("--fresh", action="store_true", help="ignore finished runs saved under --work")
+    q.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    q.add_argument("--wait-load", type=float, default=None, metavar="L",
+                   help="before each run, wait until the 1-minute load average is below L")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_ultramem.experiments")
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quality", help="train every configuration; loss, fact recall, tokens/s")
-    q.add_argument("--quick", action="store_true", help="CI smoke size (< 90 s)")
-    q.add_argument("--seeds", type=int, default=2, help="seeds of the headline pair (ultramem, moe)")
-    q.add_argument("--out", default="benchmarks/results", help="where the .md and .png go")
-    q.add_argument("--work", default=None, help="data cache and per-run JSON (default: a temp dir)")
-    q.add_argument("--train-iters", type=int, default=None, help="override the step count")
-    q.add_argument("--entities", type=int, default=None, help="override the corpus' entity count")
-    q.add_argument("--only", default=None, help="comma-separated variant names")
-    q.add_argument("--fresh", action="store_true", help="ignore finished runs saved under --work")
-    q.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    q = sub.add_parser("quality", help="dense, MoE, PKM, UltraMem: loss, fact recall, tokens/s")
+    _training_flags(q, "seeds per variant (default 3; --quick 2)")
+    a = sub.add_parser("ablations", help="UltraMem without IVE / TDQKR / MCS / value-LR decay, old init")
+    _training_flags(a, "seeds per ablation and for the UltraMem baseline (default 2)")
+    s = sub.add_parser("scaling", help="UltraMem at several value-table sizes, fixed activated params")
+    _training_flags(s, "seeds per size (default 2)")
+    s.add_argument("--num-keys", default=None,
+                   help="comma-separated n (keys per side, N = n^2); default 20,40,79,112")
     d = sub.add_parser("decode", help="one decode step of the MLP slot: latency, bytes read")
     d.add_argument("--quick", action="store_true", help="CI smoke size")
     d.add_argument("--out", default="benchmarks/results")
     d.add_argument("--repeats", type=int, default=None, help="timed repeats per (config, batch)")
     d.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     d.add_argument("--no-profile", action="store_true", help="skip the profiler section")
+    m = sub.add_parser("mainjob", help="run the main job (or --compare) and record it")
+    m.add_argument("--compare", action="store_true", help="record `python -m megatron_ultramem --compare`")
+    m.add_argument("--out", default="benchmarks/results")
+    m.add_argument("--flags", default="", help="extra main-job flags, one string (tests: a short run)")
+    r = sub.add_parser("readme", help="the README's results table from the results files")
+    r.add_argument("--results", default="benchmarks/results")
+    r.add_argument("--readme", default="README.md")
+    r.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
     c = sub.add_parser("configs", help="print and check the matched configurations")
     c.add_argument("--quick", action="store_true")
     c.add_argument("--build", action="store_true")
@@ -41,12 +73,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "seeds", None) is not None and args.seeds < 1:
+        raise SystemExit("error: --seeds must be >= 1")
     if args.command == "quality":
-        if args.seeds < 1:
-            raise SystemExit("error: --seeds must be >= 1")
         from . import quality
 
         return quality.main(args)
+    if args.command == "ablations":
+        from . import ablations
+
+        return ablations.main(args)
+    if args.command == "scaling":
+        from . import scaling
+
+        return scaling.main(args)
+    if args.command == "mainjob":
+        from . import mainjob
+
+        return mainjob.main(args)
+    if args.command == "readme":
+        from . import readme
+
+        return readme.main(args)
     if args.command == "decode":
         from . import decode
 

@@ -14,6 +14,16 @@ style) so that each has the MoE's total parameters and its activated parameters 
 | ultramem_no_ive   | ultramem with E=1                                                     |
 | ultramem_no_tdqkr | ultramem with r=1                                                     |
 | ultramem_no_mcs   | ultramem with h=1                                                     |
+| ultramem_no_value_lr_decay | ultramem with a constant 1x value LR (rho0 = 1)              |
+| ultramem_prev_init | ultramem with the uncalibrated paper init (values x winner RMS)      |
+| ultramem_n{n}     | ultramem with n keys per side at the MoE's activated parameters       |
+|                   | (memory-size scaling: F_d absorbs the key tables' change; `scaling_variants`) |
+
+"The previous init" is the paper init as it was before the calibration (values ~ N(0, E/(2 m H L))
+without dividing by the winners' RMS score; output variance 20-46x the 1/(2L) target). There is no
+config switch for it: `build_model` multiplies each built layer's values by
+`UltraMemLayer.winner_score_rms()`, which is exactly the factor the calibrated init divided by
+(the same calibration batch, the same retrieval parameters, the same value draw).
 
 Counting (one source: `analytic_counts` from the shapes chosen here, checked against
 `measured_counts` taken from the built Megatron models):
@@ -36,8 +46,8 @@ and per-core scores - are what makes FLOPs differ a little more than activated p
 """
 
 import argparse
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -93,10 +103,31 @@ class Variant:
     moe: Optional[MoEShape] = None
     ultramem: Optional[UltraMemShape] = None
     score_activation: str = "none"
+    value_lr_mult: Optional[float] = None  # rho0; None: the main job's default (train.DEFAULTS)
+    init: str = "paper"  # "paper" (calibrated) | "paper_uncalibrated" (the previous init)
 
 
 HEADLINE = ("ultramem", "moe")
-"""The pair run with several seeds."""
+"""The pair the closing comparison is about."""
+
+QUALITY = ("ultramem", "moe", "pkm", "dense")
+"""The quality sweep's variants (`experiments quality`)."""
+
+ABLATIONS = (
+    "ultramem_no_ive", "ultramem_no_tdqkr", "ultramem_no_mcs", "ultramem_no_value_lr_decay",
+    "ultramem_prev_init",
+)  # fmt: skip
+"""The ablations (`experiments ablations`), each against `ultramem`."""
+
+PAPER_TABLE2 = {
+    "ultramem_no_ive": ("IVE", -0.017),
+    "ultramem_no_tdqkr": ("TDQKR", -0.008),
+    "ultramem_no_mcs": ("MCS", -0.003),
+    "ultramem_no_value_lr_decay": ("value LR decay", -0.022),
+    "ultramem_prev_init": ("improved init", -0.003),
+}
+"""The paper's Table 2 val-loss change from adding each feature (ULTRAMEM.md). 'improved init' is
+the paper's init vs PKM's, the nearest row to calibrated vs uncalibrated init (not the same change)."""
 
 
 def moe_shape(size: ModelSize) -> MoEShape:
@@ -148,12 +179,51 @@ def matched_variants(size: ModelSize = ModelSize()) -> List[Variant]:
     ]
     for name, desc, E, r, h, act in memories:
         u = _memory_like_moe(size, moe, E, r, h)
-        desc = (
-            f"{desc}: n={u.num_keys} (N={u.num_values}), K={u.key_dim}, H={u.num_heads}, "
-            f"m={u.topm}, Dv={u.value_dim}, beside a dense MLP F_d={u.dense_ffn_hidden_size}"
-        )
-        out.append(Variant(name, "ultramem", desc, u.dense_ffn_hidden_size, ultramem=u,
-                           score_activation=act))  # fmt: skip
+        out.append(Variant(name, "ultramem", f"{desc}: {_describe_memory(u)}",
+                           u.dense_ffn_hidden_size, ultramem=u, score_activation=act))  # fmt: skip
+    base = next(v for v in out if v.name == "ultramem")
+    out.append(replace(base, name="ultramem_no_value_lr_decay", value_lr_mult=1.0,
+                       description=f"UltraMem with a constant 1x value LR (rho0 = 1): "
+                       f"{_describe_memory(base.ultramem)}"))  # fmt: skip
+    out.append(replace(base, name="ultramem_prev_init", init="paper_uncalibrated",
+                       description="UltraMem with the previous (uncalibrated) paper init, values "
+                       f"x winner RMS: {_describe_memory(base.ultramem)}"))  # fmt: skip
+    return out
+
+
+def _describe_memory(u: UltraMemShape) -> str:
+    return (
+        f"n={u.num_keys} (N={u.num_values}), K={u.key_dim}, H={u.num_heads}, m={u.topm}, "
+        f"Dv={u.value_dim}, beside a dense MLP F_d={u.dense_ffn_hidden_size}"
+    )
+
+
+def memory_at_moe_active(size: ModelSize, num_keys: int, E: int = 4, r: int = 2, h: int = 2) -> UltraMemShape:
+    """The ultramem variant's memory with `num_keys` keys per side and the dense MLP beside it
+    sized so that the slot keeps the MoE's activated parameters: F_d = (A_moe - activated memory) /
+    (2 D) (the formula of sizing.size_ultramem_like_moe, with n given instead of solved)."""
+    moe = moe_shape(size)
+    D = size.hidden_size
+    bare = UltraMemShape(D, size.key_dim, size.num_heads, num_keys, E, r, h, size.Dv, size.topm, 0)
+    F_d = round((moe.active_params - bare.active_params) / (moe.mlp_coeff * D))
+    if F_d < 1:
+        raise ValueError(f"num_keys={num_keys}: the key tables alone exceed the MoE's activated budget")
+    return replace(bare, dense_ffn_hidden_size=F_d)
+
+
+def scaling_variants(size: ModelSize, num_keys: Sequence[int]) -> List[Variant]:
+    """UltraMem (E=4, r=2, h=2) with n keys per side for each n, at the MoE's activated parameters
+    and FLOPs per token; total parameters grow with N = n^2. The n of the matched `ultramem`
+    variant gives that variant itself (same shape, so its runs are shared)."""
+    base = variant_by_name(size, "ultramem")
+    out = []
+    for n in num_keys:
+        u = memory_at_moe_active(size, n)
+        if u == base.ultramem:
+            out.append(base)
+            continue
+        out.append(Variant(f"ultramem_n{n}", "ultramem", f"UltraMem n={n}: {_describe_memory(u)}",
+                           u.dense_ffn_hidden_size, ultramem=u))  # fmt: skip
     return out
 
 
@@ -161,6 +231,8 @@ def variant_by_name(size: ModelSize, name: str) -> Variant:
     for v in matched_variants(size):
         if v.name == name:
             return v
+    if name.startswith("ultramem_n") and name[len("ultramem_n"):].isdigit():
+        return scaling_variants(size, [int(name[len("ultramem_n"):])])[0]
     raise KeyError(f"unknown variant {name!r}: choose from {[v.name for v in matched_variants(size)]}")
 
 
@@ -217,13 +289,22 @@ def base_args(size: ModelSize, seed: int) -> argparse.Namespace:
 
 def _transformer_config(size: ModelSize, variant: Variant, seed: int):
     """Config of a dense or MoE variant: the fields train.make_config sets, minus ultramem_*."""
+    return transformer_config(size.num_layers, size.hidden_size, size.num_attention_heads,
+                              variant.ffn_hidden_size, variant.moe if variant.kind == "moe" else None)  # fmt: skip
+
+
+def transformer_config(num_layers: int, hidden_size: int, num_attention_heads: int,
+                       ffn_hidden_size: int, moe: Optional[MoEShape] = None, **overrides):  # fmt: skip
+    """A dense (moe None) or MoE GPT's TransformerConfig: the fields train.make_config sets, minus
+    ultramem_*; `moe.moe_layer_freq` says which layers get the MoE (the others a dense MLP of
+    `ffn_hidden_size`)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     fields = dict(
-        num_layers=size.num_layers,
-        hidden_size=size.hidden_size,
-        num_attention_heads=size.num_attention_heads,
-        ffn_hidden_size=variant.ffn_hidden_size,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads,
+        ffn_hidden_size=ffn_hidden_size,
         add_bias_linear=False,
         sequence_parallel=False,
         hidden_dropout=0.0,
@@ -231,17 +312,18 @@ def _transformer_config(size: ModelSize, variant: Variant, seed: int):
         # plain (unfused) paths everywhere, so every variant runs the same code on CPU and GPU
         **{**cpu_compat.CPU_CONFIG, "use_cpu_initialization": not torch.cuda.is_available()},
     )
-    if variant.kind == "moe":
-        m = variant.moe
+    if moe is not None:
         fields.update(
-            num_moe_experts=m.num_experts,
-            moe_router_topk=m.topk,
-            moe_ffn_hidden_size=m.expert_ffn_hidden_size,
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.topk,
+            moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+            moe_layer_freq=moe.moe_layer_freq,
             moe_token_dispatcher_type="allgather",
             moe_router_load_balancing_type="aux_loss",
             moe_aux_loss_coeff=1e-2,  # Megatron-LM's usual setting (its default 0 disables it)
             moe_grouped_gemm=False,  # SequentialMLP: grouped GEMM needs CUDA
         )
+    fields.update(overrides)
     return TransformerConfig(**fields)
 
 
@@ -259,6 +341,8 @@ def _ultramem_config(size: ModelSize, variant: Variant, seed: int):
     args.ultramem_num_cores = u.num_cores
     args.ultramem_num_heads = u.num_heads
     args.ultramem_topm = u.topm
+    if variant.value_lr_mult is not None:
+        args.ultramem_value_lr_mult = variant.value_lr_mult
     return train.make_config(
         args, add_bias_linear=False, ultramem_score_activation=variant.score_activation
     )
@@ -277,7 +361,10 @@ def build_model(variant: Variant, size: ModelSize, seed: int = 1234):
     torch.manual_seed(seed)
     config = build_config(variant, size, seed)
     if variant.kind == "ultramem":
-        return train.build_model(config, size.vocab_size, size.seq_length), config
+        model = train.build_model(config, size.vocab_size, size.seq_length)
+        if variant.init == "paper_uncalibrated":
+            uncalibrate_init(model)
+        return model, config
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
@@ -290,6 +377,24 @@ def build_model(variant: Variant, size: ModelSize, seed: int = 1234):
         position_embedding_type="rope",
     )
     return model, config
+
+
+@torch.no_grad()
+def uncalibrate_init(model: torch.nn.Module) -> List[float]:
+    """Turn a freshly built model's calibrated paper init into the previous one: each memory
+    layer's values times its `winner_score_rms()` (the factor the calibration divided the value
+    std by; retrieval does not read the values, so the factor is the one used at init). Returns
+    the factors. Precondition: right after building, before any training step."""
+    from ..layer import UltraMemLayer
+
+    factors = []
+    for layer in model.modules():
+        if isinstance(layer, UltraMemLayer):
+            if layer.config.ultramem_init != "paper":
+                raise ValueError("uncalibrate_init needs ultramem_init='paper'")
+            factors.append(layer.winner_score_rms())
+            layer.values.mul_(factors[-1])
+    return factors
 
 
 # ---------------------------------------------------------------------- measured counts

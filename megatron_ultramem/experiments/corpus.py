@@ -91,6 +91,7 @@ class FactCorpus:
     facts: List[Fact]
     probe_facts: List[Fact]  # question form never in training
     seen_facts: List[Fact]  # question form in training (at least once)
+    valid_value_spans: List[Tuple[int, int]] = None  # (start, end) of every value in valid_text
 
     def tokens(self, split: str) -> torch.Tensor:
         text = {"train": self.train_text, "valid": self.valid_text}[split]
@@ -109,9 +110,10 @@ class FactCorpus:
 
 
 def _document(rng: random.Random, facts: Sequence[Fact], probe: set, spec: CorpusSpec,
-              allow_question_for_probes: bool, asked: set) -> str:  # fmt: skip
-    """One line of text; adds to `asked` the facts it states in the question form."""
-    parts = []
+              allow_question_for_probes: bool, asked: set, value_spans: List = None) -> str:  # fmt: skip
+    """One line of text; adds to `asked` the facts it states in the question form, and to
+    `value_spans` (when given) the (start, end) offsets of each stated value within the line."""
+    parts, spans, offset = [], [], 0
     for _ in range(spec.facts_per_doc):
         ent, rel, val = fact = facts[rng.randrange(len(facts))]
         if fact in probe and not allow_question_for_probes:
@@ -120,9 +122,15 @@ def _document(rng: random.Random, facts: Sequence[Fact], probe: set, spec: Corpu
             template = rng.choice([QUESTION_TEMPLATE] + OTHER_TEMPLATES)
         if template is QUESTION_TEMPLATE:
             asked.add(fact)
+        start = offset + len(template.split("{val}")[0].format(ent=ent, rel=rel))
+        spans.append((start, start + len(val)))
         parts.append(template.format(ent=ent, rel=rel, val=val))
+        offset += len(parts[-1]) + 1  # the joining space
         if rng.random() < spec.filler_per_fact:
             parts.append(_filler(rng))
+            offset += len(parts[-1]) + 1
+    if value_spans is not None:
+        value_spans.extend(spans)
     return " ".join(parts) + "\n"
 
 
@@ -140,10 +148,15 @@ def make_corpus(spec: CorpusSpec = CorpusSpec()) -> FactCorpus:
     train = "".join(
         _document(train_rng, facts, probe, spec, False, asked) for _ in range(spec.num_train_docs)
     )
-    valid = "".join(
-        _document(valid_rng, facts, probe, spec, True, set()) for _ in range(spec.num_valid_docs)
-    )
+    valid_docs, valid_spans, offset = [], [], 0
+    for _ in range(spec.num_valid_docs):
+        spans = []
+        valid_docs.append(_document(valid_rng, facts, probe, spec, True, set(), spans))
+        valid_spans.extend((offset + a, offset + b) for a, b in spans)
+        offset += len(valid_docs[-1])
+    valid = "".join(valid_docs)
     assert not asked & probe
+    assert valid.isascii()  # byte offsets == character offsets
     return FactCorpus(
         spec=spec,
         train_text=train,
@@ -151,6 +164,7 @@ def make_corpus(spec: CorpusSpec = CorpusSpec()) -> FactCorpus:
         facts=facts,
         probe_facts=[facts[i] for i in probe_idx],
         seen_facts=[f for f in facts if f in asked],
+        valid_value_spans=valid_spans,
     )
 
 
@@ -223,3 +237,56 @@ def fact_recall(model, facts: Sequence[Fact], templates: Sequence[str] = (QUESTI
         chance += 1.0 / k
     n = max(1, len(spans))
     return {"accuracy": hits / n, "mrr": rr / n, "chance": chance / n, "count": len(spans)}
+
+
+# ---------------------------------------------------------------------- loss on the values
+@torch.no_grad()
+def value_loss(model, fc: FactCorpus, seq_length: int, num_windows: int = 128,
+               batch_size: int = 16) -> Dict[str, float]:  # fmt: skip
+    """Validation loss split into the fact values and everything else.
+
+    The first `num_windows` consecutive windows of `seq_length + 1` bytes of the validation text
+    (the same for every model) are scored once; a target byte is a value byte when it lies inside
+    one of `fc.valid_value_spans`. Returns `value_nats`: summed loss over the bytes of each value
+    that lies wholly inside a window's targets, averaged over those values (a model that knows
+    nothing about the fact but the relation's value set pays about ln 8 = 2.08 nats, ln 13 = 2.56
+    for 'number'); `other_nats_per_byte`: the mean loss of all other target bytes; and the counts.
+    """
+    from ..train import _causal_mask
+
+    tokens = fc.tokens("valid")
+    n_win = min(num_windows, (len(tokens) - 1) // seq_length)
+    is_value = torch.zeros(len(tokens), dtype=torch.bool)
+    value_id = torch.full((len(tokens),), -1, dtype=torch.int64)
+    for i, (a, b) in enumerate(fc.valid_value_spans):
+        is_value[a:b] = True
+        value_id[a:b] = i
+    was_training = model.training
+    model.eval()
+    per_value: Dict[int, float] = {}
+    bytes_seen: Dict[int, int] = {}
+    other_sum, other_count = 0.0, 0
+    for lo in range(0, n_win, batch_size):
+        idx = torch.arange(lo, min(n_win, lo + batch_size))
+        starts = idx * seq_length
+        window = starts[:, None] + torch.arange(seq_length + 1)  # [b, s+1]
+        seq = tokens[window]
+        pos = torch.arange(seq_length).expand(len(idx), seq_length)
+        labels = seq[:, 1:]
+        loss = model(seq[:, :-1], pos, _causal_mask(seq_length), labels=labels).double()  # [b, s]
+        targets = window[:, 1:]
+        mask = is_value[targets]
+        other_sum += float(loss[~mask].sum())
+        other_count += int((~mask).sum())
+        for t, l in zip(value_id[targets][mask].tolist(), loss[mask].tolist()):
+            per_value[t] = per_value.get(t, 0.0) + l
+            bytes_seen[t] = bytes_seen.get(t, 0) + 1
+    model.train(was_training)
+    whole = [v for v, n in bytes_seen.items()
+             if n == fc.valid_value_spans[v][1] - fc.valid_value_spans[v][0]]  # fmt: skip
+    return {
+        "value_nats": sum(per_value[v] for v in whole) / max(1, len(whole)),
+        "other_nats_per_byte": other_sum / max(1, other_count),
+        "values": len(whole),
+        "other_bytes": other_count,
+    }

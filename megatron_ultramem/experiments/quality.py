@@ -1,20 +1,25 @@
-"""Quality sweep: every matched configuration trained on CPU for the same tokens, same schedule.
+"""Quality sweep: dense, MoE, PKM and UltraMem trained on CPU for the same tokens, same schedule.
 
-    python -m megatron_ultramem.experiments quality [--quick] [--seeds 2] [--out DIR]
+    python -m megatron_ultramem.experiments quality [--quick] [--seeds 3] [--out DIR] [--wait-load 1.5]
 
-The loop is the main job's (train.py): `init_distributed`, the model from `configs.build_model`
-(UltraMem variants through `train.make_config` + `train.build_model`), `train.lm_loss`, torch AdamW
-over `optim.param_groups` (the value table in its own group), `optim.UltraMemParamScheduler`
-(cosine LR with warmup; the value group's multiplier decays from rho0 to 1), gradient clipping at
-1.0, the Tucker SVD refresh after every optimizer step for memory layers, and the aux losses (MoE
-load balancing, Tucker) injected through Megatron's MoEAuxLossAutoScaler at scale 1.
+Every run is the main job's training step (train.py): `train.init_distributed`, the model from
+`configs.build_model` (memory variants through `train.make_config` + `train.build_model`),
+Megatron's DistributedDataParallel, its forward-backward schedule with `train.forward_step` (the
+schedule scales the MoE's load-balancing loss, the plugin's schedule hook the Tucker aux loss),
+Megatron's optimizer with the value tables in their own group and the value-LR scheduler
+(`train.build_optimizer`), gradient clipping at 1.0, and the Tucker SVD refresh after every
+optimizer step. The matched counts (total, activated, FLOPs per token) are asserted on every built
+model before it trains.
+
 Data: the fact corpus (corpus.py) as Megatron indexed datasets read through GPTDataset in
-Megatron's sampler order; the train order follows the run's seed, validation batches are the same
-for every run.
+Megatron's sampler order; the train order follows the run's seed (as does the init), so for one
+seed every variant sees the same batches; validation batches are the same for every run.
 
-Reported per run: validation loss (held-out text), fact recall on held-out questions (probe facts)
-and on questions seen in training, training tokens/s (optimizer steps only, evaluation excluded).
-Each finished run is saved as JSON under --work, so an interrupted sweep resumes where it stopped.
+Reported per run: validation loss (held-out text), the validation loss split into fact values and
+everything else (corpus.value_loss), fact recall on held-out and seen questions and on the trained
+forms, training tokens/s (optimizer steps only). Each finished run is saved as JSON under --work
+(keyed by the settings, not by the seed count), so an interrupted sweep resumes where it stopped
+and `ablations` / `scaling` reuse the sweep's UltraMem runs instead of training them again.
 """
 
 import hashlib
@@ -25,8 +30,9 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Dict, List
+from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -34,22 +40,37 @@ from . import configs, corpus, report
 from .configs import ModelSize
 from .corpus import CorpusSpec
 
+CORPUS = CorpusSpec(num_entities=100)
+"""The sweep's corpus: 400 facts. Why this size: see `CORPUS_REASON` (measured, not assumed)."""
+
+CORPUS_REASON = (
+    "400 facts (100 entities x 4 relations), each stated about {exposures:.0f} times in the "
+    "{tokens:,} training tokens of a run. The dense model does not hold them: at the end of its "
+    "runs it recalls {dense_forms} of the facts in the very statement forms it was trained on "
+    "(chance {chance}), and its validation loss on the fact values is {dense_value} nats per value "
+    "against {uniform:.2f} for a guess among the relation's values, so most of what is left to "
+    "learn in this corpus is facts, which is what a memory layer is for. (The previous corpus, 120 "
+    "facts, gave the dense model 3x more exposures per fact in fewer tokens.)"
+)
+
 
 @dataclass(frozen=True)
 class Settings:
+    """Everything that decides a run's result apart from the seed (and the variant)."""
+
     size: ModelSize = ModelSize()
-    corpus: CorpusSpec = CorpusSpec()
-    train_iters: int = 250
+    corpus: CorpusSpec = CORPUS
+    train_iters: int = 400
     micro_batch_size: int = 16
     lr: float = 3e-3  # the main job's schedule (train.DEFAULTS)
     min_lr: float = 3e-4
     warmup_iters: int = 20
     weight_decay: float = 0.1
+    clip_grad: float = 1.0
     eval_interval: int = 50
-    eval_iters: int = 4
+    eval_iters: int = 8
+    value_windows: int = 128  # validation windows scored for the value / other split
     recall_facts: int = 150  # per group (held-out questions, seen questions)
-    seeds: int = 2  # for the headline pair (ultramem, moe)
-    other_seeds: int = 1  # for every other variant
 
     @property
     def tokens_per_run(self) -> int:
@@ -62,7 +83,7 @@ class Settings:
 
 QUICK = Settings(
     size=configs.QUICK_SIZE, corpus=corpus.QUICK_SPEC, train_iters=6, micro_batch_size=4,
-    warmup_iters=1, eval_interval=3, eval_iters=1, recall_facts=8,
+    warmup_iters=1, eval_interval=3, eval_iters=1, value_windows=8, recall_facts=8,
 )  # fmt: skip
 
 
@@ -75,13 +96,38 @@ def _quiet() -> None:
     logging.getLogger("megatron").setLevel(logging.ERROR)
 
 
+def optimizer_args(s: Settings) -> SimpleNamespace:
+    """What `train.build_optimizer` reads from the main job's parsed arguments."""
+    return SimpleNamespace(
+        lr=s.lr, min_lr=s.min_lr, weight_decay=s.weight_decay, clip_grad=s.clip_grad, bf16=False,
+        use_distributed_optimizer=False, warmup_iters=s.warmup_iters, train_iters=s.train_iters,
+    )  # fmt: skip
+
+
+def optimizer_config_view(config) -> SimpleNamespace:
+    """What `train.build_optimizer` reads from the model config. A model without memory layers
+    (dense, MoE) has a plain TransformerConfig; it has no value table, so the value group's
+    settings are the neutral ones (rho0 = 1, no weight decay on values: Megatron's overrides then
+    only name parameters that do not exist)."""
+    return SimpleNamespace(
+        params_dtype=config.params_dtype,
+        ultramem_value_lr_mult=getattr(config, "ultramem_value_lr_mult", 1.0),
+        ultramem_value_weight_decay=getattr(config, "ultramem_value_weight_decay", False),
+        ultramem_value_lr_decay_rate=getattr(config, "ultramem_value_lr_decay_rate", 1.0),
+    )
+
+
 def run_one(variant: configs.Variant, settings: Settings, seed: int, fc: corpus.FactCorpus,
             prefixes: Dict[str, str], log=print) -> Dict:  # fmt: skip
-    """Train one configuration with one seed; returns its metrics (and curves)."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    """Train one configuration with one seed through the main job's step; returns its metrics."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from .. import data_pipeline, train
-    from ..optim import UltraMemParamScheduler, param_groups
 
     size, s = settings.size, settings
     train.init_distributed(seed=seed)
@@ -92,6 +138,12 @@ def run_one(variant: configs.Variant, settings: Settings, seed: int, fc: corpus.
         raise AssertionError(f"{variant.name}: built counts {counts} != analytic {analytic}")
     layers = train.memory_layers(model)
 
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    optimizer, scheduler = train.build_optimizer(optimizer_args(s), optimizer_config_view(config), ddp)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    forward_backward = get_forward_backward_func()
+
     mbs, seq = s.micro_batch_size, size.seq_length
     train_ds = data_pipeline.build_gpt_dataset(prefixes["train"], seq, s.train_iters * mbs, seed, "train")
     valid_ds = data_pipeline.build_gpt_dataset(
@@ -100,20 +152,7 @@ def run_one(variant: configs.Variant, settings: Settings, seed: int, fc: corpus.
     batches = data_pipeline.build_train_iterator("torch", train_ds, mbs)
     valid = list(itertools.islice(data_pipeline.build_train_iterator("torch", valid_ds, mbs), s.eval_iters))
 
-    value_wd = getattr(config, "ultramem_value_weight_decay", False)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, s.weight_decay, value_wd), lr=s.lr, betas=(0.9, 0.95), eps=1e-8
-    )
-    scheduler = UltraMemParamScheduler(
-        optimizer, init_lr=0.0, max_lr=s.lr, min_lr=s.min_lr, lr_warmup_steps=s.warmup_iters,
-        lr_decay_steps=s.train_iters, lr_decay_style="cosine", start_wd=s.weight_decay,
-        end_wd=s.weight_decay, wd_incr_steps=s.train_iters, wd_incr_style="constant",
-        value_lr_mult=getattr(config, "ultramem_value_lr_mult", 1.0),
-        value_lr_decay_rate=getattr(config, "ultramem_value_lr_decay_rate", 1.0),
-    )  # fmt: skip
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-
-    def evaluate() -> float:
+    def evaluate() -> float:  # the main job's evaluation
         model.eval()
         with torch.no_grad():
             val = sum(train.lm_loss(model, b).item() for b in valid) / len(valid)
@@ -121,20 +160,26 @@ def run_one(variant: configs.Variant, settings: Settings, seed: int, fc: corpus.
         return val
 
     train_loss, step_seconds, eval_steps, eval_loss = [], [], [], []
-    train_seconds = 0.0
-    model.train()
-    scheduler.step(1)
+    train_seconds, skipped = 0.0, 0
+    ddp.train()
+    scheduler.step(1)  # as the main job: start at step 1's LR
     for step in range(1, s.train_iters + 1):
         t0 = time.perf_counter()
-        loss = train.lm_loss(model, next(batches))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = forward_backward(
+            forward_step_func=train.forward_step, data_iterator=batches, model=[ddp],
+            num_microbatches=1, seq_length=seq, micro_batch_size=mbs, forward_only=False,
+        )  # fmt: skip
+        ok, _, _ = optimizer.step()
         scheduler.step(1)
-        for layer in layers:
-            layer.refresh_tucker_vectors()
-        value = loss.item()
+        if ok:
+            for layer in layers:
+                layer.refresh_tucker_vectors()
+        else:
+            skipped += 1
+        loss_sum, count = reports[0]["lm loss"].tolist()
+        value = loss_sum / count
         step_seconds.append(time.perf_counter() - t0)
         train_seconds += step_seconds[-1]
         if not math.isfinite(value):
@@ -144,28 +189,32 @@ def run_one(variant: configs.Variant, settings: Settings, seed: int, fc: corpus.
             eval_steps.append(step)
             eval_loss.append(evaluate())
             log(f"  {variant.name} seed {seed} step {step}/{s.train_iters} loss {value:.3f} "
-                f"val {eval_loss[-1]:.3f} ({step * mbs * seq / train_seconds:,.0f} tok/s)")  # fmt: skip
+                f"val {eval_loss[-1]:.4f} ({step * mbs * seq / train_seconds:,.0f} tok/s)", flush=True)  # fmt: skip
     t0 = time.perf_counter()
+    split = corpus.value_loss(model, fc, seq, s.value_windows)
     # the first recall_facts of each list (shuffled once by _shuffle_for_recall)
     recall_probe = corpus.fact_recall(model, fc.probe_facts[: s.recall_facts])
     recall_seen = corpus.fact_recall(model, fc.seen_facts[: s.recall_facts])
     recall_forms = corpus.fact_recall(model, fc.facts, corpus.RECALL_TEMPLATES[1:])
-    recall_seconds = time.perf_counter() - t0
+    metric_seconds = time.perf_counter() - t0
     return {
         "variant": variant.name,
         "seed": seed,
+        "description": variant.description,
         "counts": counts,
         "train_loss": train_loss,
         "eval_steps": eval_steps,
         "eval_loss": eval_loss,
         "final_valid_loss": eval_loss[-1],
+        "value_split": split,
         "recall_heldout_question": recall_probe,
         "recall_seen_question": recall_seen,
         "recall_trained_forms": recall_forms,
+        "skipped_steps": skipped,
         "train_seconds": train_seconds,
         "step_seconds": step_seconds,
         "tokens_per_second": s.tokens_per_run / train_seconds,
-        "recall_seconds": recall_seconds,
+        "metric_seconds": metric_seconds,
     }
 
 
@@ -178,86 +227,277 @@ def _shuffle_for_recall(fc: corpus.FactCorpus, seed: int) -> None:
     rng.shuffle(fc.seen_facts)
 
 
-def plan(settings: Settings) -> List[tuple]:
-    """(variant, seed) pairs in run order: the headline pair first, interleaved by seed."""
-    variants = configs.matched_variants(settings.size)
-    by_name = {v.name: v for v in variants}
-    runs = []
-    for seed in range(settings.seeds):
-        for name in configs.HEADLINE:
-            runs.append((by_name[name], seed))
-    for seed in range(settings.other_seeds):
-        for v in variants:
-            if v.name not in configs.HEADLINE:
-                runs.append((v, seed))
-    return runs
+# ---------------------------------------------------------------------- running and caching
+def wait_for_load(threshold: Optional[float], max_wait: float = 3600.0, poll: float = 10.0) -> float:
+    """Sleep until the 1-minute load average is below `threshold` (None: do not wait); returns the
+    seconds waited. The 2 cores are shared: a run starts only when the machine is (nearly) idle."""
+    if threshold is None:
+        return 0.0
+    t0 = time.perf_counter()
+    while os.getloadavg()[0] >= threshold and time.perf_counter() - t0 < max_wait:
+        time.sleep(poll)
+    return time.perf_counter() - t0
 
 
-def _mean_std(xs: List[float]) -> str:
-    if len(xs) == 1:
-        return f"{xs[0]:.4f}"
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+@dataclass
+class Runner:
+    """Runs (variant, seed) pairs of one Settings, or loads them from --work when already done."""
+
+    settings: Settings
+    work: str
+    fresh: bool = False
+    wait_load: Optional[float] = None
+    command: str = ""
+    log: Callable = print
+    results: List[Dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        s = self.settings
+        self.run_dir = os.path.join(self.work, f"runs_{s.key()}")
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.fc = corpus.make_corpus(s.corpus)
+        _shuffle_for_recall(self.fc, s.corpus.seed)
+        self.prefixes = self.fc.write_indexed(os.path.join(self.work, f"corpus_{s.key()}"))
+        self.trained = 0
+        self.waited = 0.0
+
+    def path(self, variant: configs.Variant, seed: int) -> str:
+        return os.path.join(self.run_dir, f"{variant.name}_seed{seed}.json")
+
+    def peek(self, variant: configs.Variant, seed: int) -> Optional[Dict]:
+        """The saved run, or None (never trains, not added to `results`)."""
+        path = self.path(variant, seed)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def get(self, variant: configs.Variant, seed: int) -> Dict:
+        path = self.path(variant, seed)
+        if os.path.exists(path) and not self.fresh:
+            with open(path) as f:
+                r = json.load(f)
+            r["loaded"] = True
+            self.log(f"{variant.name} seed {seed}: loaded {path} (trained {r.get('finished_at', '?')})",
+                     flush=True)  # fmt: skip
+            self.results.append(r)
+            return r
+        waited = wait_for_load(self.wait_load)
+        self.waited += waited
+        load_before = report.uptime()
+        started = report.now()
+        self.log(f"{variant.name} seed {seed}: training (waited {waited:.0f}s for load; {load_before})",
+                 flush=True)  # fmt: skip
+        t0 = time.perf_counter()
+        r = run_one(variant, self.settings, seed, self.fc, self.prefixes, self.log)
+        r.update(wall_seconds=time.perf_counter() - t0, waited_seconds=waited, started_at=started,
+                 finished_at=report.now(), load_before=load_before, load_after=report.uptime(),
+                 command=self.command, versions=report.versions())  # fmt: skip
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(r, f)
+        os.replace(tmp, path)
+        self.trained += 1
+        self.log(f"{variant.name} seed {seed}: val {r['final_valid_loss']:.4f} value "
+                 f"{r['value_split']['value_nats']:.3f} nats, recall held-out "
+                 f"{r['recall_heldout_question']['accuracy']:.3f} trained forms "
+                 f"{r['recall_trained_forms']['accuracy']:.3f}, {r['tokens_per_second']:,.0f} tok/s "
+                 f"({r['wall_seconds']:.0f}s)", flush=True)  # fmt: skip
+        r["loaded"] = False
+        self.results.append(r)
+        return r
 
 
-def _pct_mean_std(xs: List[float]) -> str:
-    xs = [100 * x for x in xs]
-    if len(xs) == 1:
-        return f"{xs[0]:.1f}%"
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}%"
-
-
-def summarize(results: List[Dict], settings: Settings) -> List[str]:
-    order = [v.name for v in configs.matched_variants(settings.size)]
-    order = list(configs.HEADLINE) + [n for n in order if n not in configs.HEADLINE]
-    by = {}
+# ---------------------------------------------------------------------- statistics
+def by_variant(results: Sequence[Dict]) -> Dict[str, List[Dict]]:
+    out: Dict[str, List[Dict]] = {}
     for r in results:
-        by.setdefault(r["variant"], []).append(r)
+        out.setdefault(r["variant"], []).append(r)
+    return out
+
+
+def mean_std(xs: Sequence[float], digits: int = 4) -> str:
+    """'mean ± sample std' (just the value for one run)."""
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def pct_mean_std(xs: Sequence[float]) -> str:
+    return mean_std([100 * x for x in xs], 1) + "%"
+
+
+def compare(a: Sequence[float], b: Sequence[float]) -> Dict[str, float]:
+    """mean(a) - mean(b) with the pooled sample std, the difference in pooled stds, and Welch's t
+    (difference over its standard error). Needs >= 2 values on each side."""
+    ma, mb = statistics.mean(a), statistics.mean(b)
+    va, vb = statistics.variance(a), statistics.variance(b)
+    na, nb = len(a), len(b)
+    pooled = math.sqrt(((na - 1) * va + (nb - 1) * vb) / (na + nb - 2))
+    se = math.sqrt(va / na + vb / nb)
+    return {
+        "diff": ma - mb,
+        "pooled_std": pooled,
+        "diff_in_pooled_std": (ma - mb) / pooled if pooled > 0 else float("inf"),
+        "stderr": se,
+        "welch_t": (ma - mb) / se if se > 0 else float("inf"),
+    }
+
+
+RESULT_COLUMNS = (
+    "| variant | seeds | total params | activated/token | val loss | value nats | other nats/byte "
+    "| recall held-out Q | recall seen Q | recall trained forms | tokens/s |"
+)
+
+
+def result_row(name: str, rs: Sequence[Dict]) -> str:
+    c = rs[0]["counts"]
+    return (
+        f"| {name} | {len(rs)} | {c['total']:,} | {c['active']:,} "
+        f"| {mean_std([r['final_valid_loss'] for r in rs])} "
+        f"| {mean_std([r['value_split']['value_nats'] for r in rs], 3)} "
+        f"| {mean_std([r['value_split']['other_nats_per_byte'] for r in rs], 4)} "
+        f"| {pct_mean_std([r['recall_heldout_question']['accuracy'] for r in rs])} "
+        f"| {pct_mean_std([r['recall_seen_question']['accuracy'] for r in rs])} "
+        f"| {pct_mean_std([r['recall_trained_forms']['accuracy'] for r in rs])} "
+        f"| {statistics.mean(r['tokens_per_second'] for r in rs):,.0f} |"
+    )
+
+
+def result_table(results: Sequence[Dict], order: Sequence[str]) -> List[str]:
+    by = by_variant(results)
+    lines = [RESULT_COLUMNS, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    return lines + [result_row(n, by[n]) for n in order if n in by]
+
+
+def _load_only(r: Dict) -> str:
+    return r.get("load_before", "").split("load average:")[-1].strip()
+
+
+def per_run_table(results: Sequence[Dict]) -> List[str]:
     lines = [
-        "| variant | seeds | total params | activated/token | val loss | recall held-out Q | "
-        "recall seen Q | recall trained forms | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | seed | val loss | value nats | recall held-out Q | recall seen Q | recall trained "
+        "forms | tokens/s | wall s | trained at (UTC) | load before | load after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in order:
-        rs = by.get(name)
-        if not rs:
-            continue
-        c = rs[0]["counts"]
+    for r in results:
         lines.append(
-            f"| {name} | {len(rs)} | {c['total']:,} | {c['active']:,} "
-            f"| {_mean_std([r['final_valid_loss'] for r in rs])} "
-            f"| {_pct_mean_std([r['recall_heldout_question']['accuracy'] for r in rs])} "
-            f"| {_pct_mean_std([r['recall_seen_question']['accuracy'] for r in rs])} "
-            f"| {_pct_mean_std([r['recall_trained_forms']['accuracy'] for r in rs])} "
-            f"| {statistics.mean(r['tokens_per_second'] for r in rs):,.0f} |"
+            f"| {r['variant']} | {r['seed']} | {r['final_valid_loss']:.4f} "
+            f"| {r['value_split']['value_nats']:.3f} "
+            f"| {100 * r['recall_heldout_question']['accuracy']:.1f}% "
+            f"| {100 * r['recall_seen_question']['accuracy']:.1f}% "
+            f"| {100 * r['recall_trained_forms']['accuracy']:.1f}% | {r['tokens_per_second']:,.0f} "
+            f"| {r.get('wall_seconds', r['train_seconds']):.0f} | {r.get('finished_at', '')} "
+            f"| {_load_only(r)} "
+            f"| {r.get('load_after', '').split('load average:')[-1].strip()} |"
         )
     return lines
 
 
-def plot(results: List[Dict], settings: Settings, path: str) -> None:
+# ---------------------------------------------------------------------- report pieces
+def setup_lines(settings: Settings, fc: corpus.FactCorpus, seeds_line: str) -> List[str]:
+    sz, c = settings.size, settings.corpus
+    return [
+        f"- Model: GPTModel {sz.num_layers} layers, hidden {sz.hidden_size}, "
+        f"{sz.num_attention_heads} heads, seq {sz.seq_length}, byte vocab {sz.vocab_size}, RoPE, "
+        "no linear biases; every layer's MLP slot is the variant's.",
+        f"- Training (the main job's step: Megatron DDP, forward-backward schedule, Megatron Adam "
+        f"with the value tables in their own group): {settings.train_iters} steps x "
+        f"{settings.micro_batch_size} x {sz.seq_length} = {settings.tokens_per_run:,} tokens per "
+        f"run, Adam (0.9, 0.95, eps 1e-8), lr {settings.lr} cosine to {settings.min_lr} after "
+        f"{settings.warmup_iters} warmup steps, wd {settings.weight_decay}, clip "
+        f"{settings.clip_grad}; memory value-table LR x4 decaying linearly to x1 (rho0 = 4, the "
+        "main job's default), Tucker refresh each step, Tucker aux loss alpha 0.001; MoE "
+        "load-balancing loss coeff 0.01 (scaled by Megatron's schedule).",
+        f"- Corpus (corpus.py, seed {c.seed}): {len(fc.facts)} facts ({c.num_entities} entities x 4 "
+        f"relations), {len(fc.train_text):,} train bytes ({c.num_train_docs} documents of "
+        f"{c.facts_per_doc} fact statements), {len(fc.valid_text):,} validation bytes; "
+        f"{len(fc.probe_facts)} probe facts whose question form never appears in training.",
+        f"- Validation loss: {settings.eval_iters} x {settings.micro_batch_size} sequences of held-out "
+        "text (the same for every run), at the last step. **value nats**: the summed loss over the "
+        f"bytes of each fact value in the first {settings.value_windows} validation windows, per "
+        "value (ln 8 = 2.08 for a guess among a relation's 8 values); **other nats/byte**: the mean "
+        "loss of every other byte there.",
+        "- Fact recall (rank-1 accuracy of the true value among its relation's 8 or 13 values by "
+        "summed log-prob of the continuation): **held-out Q**: probe facts asked "
+        "`\\nThe {rel} of {ent} is` (a form never seen for them in training); **seen Q**: other "
+        "facts asked the same way; **trained forms**: all facts x "
+        f"{len(corpus.RECALL_TEMPLATES) - 1} training statement forms with the value last "
+        "(`For {ent}, the {rel} is`, ...), i.e. memorization in the forms trained on.",
+        f"- Seeds: {seeds_line} A seed sets the init and the training data order (all variants of "
+        "one seed see the same batches). mean ± sample std over seeds.",
+        "- tokens/s: optimizer steps only (forward, backward, Adam, Tucker refresh), evaluation "
+        "excluded; the machine is shared, so treat it as indicative.",
+    ]
+
+
+def run_header(title: str, command: str, load_before: str, load_after: str, runner: Runner,
+               wall: float) -> List[str]:  # fmt: skip
+    lines = report.header(title, command, load_before, load_after)
+    trained = [r for r in runner.results if not r.get("loaded")]
+    loaded = [r for r in runner.results if r.get("loaded")]
+    lines += [
+        f"Wall time of this command: {wall / 60:.1f} min ({len(trained)} runs trained here, "
+        f"{runner.waited / 60:.1f} min of it waiting for the 1-minute load to fall below "
+        f"{runner.wait_load}; {len(loaded)} runs loaded from earlier commands' run files, see the "
+        "per-run table for when and under what load each was trained). Run files: "
+        f"`{runner.run_dir}/` (settings key `{runner.settings.key()}`).",
+        "",
+    ]
+    return lines
+
+
+def _seeds(args, default: int) -> int:
+    seeds = args.seeds if args.seeds is not None else default
+    if seeds < 1:
+        raise SystemExit("error: --seeds must be >= 1")
+    return seeds
+
+
+def settings_from_args(args) -> Settings:
+    settings = QUICK if args.quick else Settings()
+    if args.train_iters:
+        settings = replace(settings, train_iters=args.train_iters)
+    if args.entities:
+        settings = replace(settings, corpus=replace(settings.corpus, num_entities=args.entities))
+    return settings
+
+
+def make_runner(args, settings: Settings) -> Runner:
+    _quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = args.work or os.path.join(tempfile.gettempdir(), "megatron_ultramem_experiments")
+    return Runner(settings, work, fresh=args.fresh, wait_load=args.wait_load,
+                  command=report.command_line())  # fmt: skip
+
+
+def plot_curves(results: Sequence[Dict], settings: Settings, path: str, order: Sequence[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    by = {}
-    for r in results:
-        by.setdefault(r["variant"], []).append(r)
-    for i, (name, rs) in enumerate(sorted(by.items())):
-        color = f"C{i}"
-        style = "-" if name in configs.HEADLINE else "--"
+    by = by_variant(results)
+    for i, name in enumerate(n for n in order if n in by):
+        rs, color = by[name], f"C{i}"
         curve = [statistics.mean(vals) for vals in zip(*(r["train_loss"] for r in rs))]
         smooth, ema = [], None
         for x in curve:  # EMA 0.9 for readability; the raw losses are in the run JSONs
             ema = x if ema is None else 0.9 * ema + 0.1 * x
             smooth.append(ema)
-        ax1.plot(range(1, len(smooth) + 1), smooth, style, color=color, lw=1.2,
-                 label=f"{name} (n={len(rs)})")  # fmt: skip
+        ax1.plot(range(1, len(smooth) + 1), smooth, color=color, lw=1.2, label=f"{name} (n={len(rs)})")
         steps = rs[0]["eval_steps"]
-        val = [statistics.mean(v) for v in zip(*(r["eval_loss"] for r in rs))]
-        ax2.plot(steps, val, style, marker="o", ms=3, color=color, label=name)
+        vals = list(zip(*(r["eval_loss"] for r in rs)))
+        mean = [statistics.mean(v) for v in vals]
+        ax2.plot(steps, mean, marker="o", ms=3, color=color, label=name)
+        if len(rs) > 1:
+            std = [statistics.stdev(v) for v in vals]
+            ax2.fill_between(steps, [m - s for m, s in zip(mean, std)],
+                             [m + s for m, s in zip(mean, std)], color=color, alpha=0.15)  # fmt: skip
     ax1.set_title("train loss (EMA 0.9, mean over seeds)")
-    ax2.set_title("validation loss (held-out text, mean over seeds)")
+    ax2.set_title("validation loss (mean ± std over seeds)")
     for ax in (ax1, ax2):
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/byte)")
@@ -266,7 +506,7 @@ def plot(results: List[Dict], settings: Settings, path: str) -> None:
     ax1.set_yscale("log")
     ax2.set_yscale("log")
     lo = min(min(r["eval_loss"]) for r in results)
-    ax2.set_ylim(lo * 0.95, lo * 4)
+    ax2.set_ylim(lo * 0.95, lo * 2)
     fig.suptitle(f"{settings.size.num_layers}L/{settings.size.hidden_size}d GPT, "
                  f"{settings.tokens_per_run:,} tokens per run, CPU")  # fmt: skip
     fig.tight_layout()
@@ -274,123 +514,113 @@ def plot(results: List[Dict], settings: Settings, path: str) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------- the sweep
 def main(args) -> int:
-    _quiet()
-    settings = QUICK if args.quick else Settings()
-    settings = replace(settings, seeds=args.seeds)
-    if args.train_iters:
-        settings = replace(settings, train_iters=args.train_iters)
-    if args.entities:
-        settings = replace(settings, corpus=replace(settings.corpus, num_entities=args.entities))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    only = set(args.only.split(",")) if args.only else None
+    settings = settings_from_args(args)
+    seeds = _seeds(args, 2 if args.quick else 3)
+    runner = make_runner(args, settings)
     suffix = "_quick" if args.quick else ""
-    out = args.out
-    os.makedirs(out, exist_ok=True)
-    work = args.work or os.path.join(tempfile.gettempdir(), "megatron_ultramem_experiments")
-    run_dir = os.path.join(work, f"quality_{settings.key()}")
-    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     load_before = report.uptime()
-    command = report.command_line()
     t_start = time.perf_counter()
 
-    variants, analytic, table = configs.describe(settings.size)
+    variants, _, table = configs.describe(settings.size)
     print("\n".join(table), flush=True)
-    fc = corpus.make_corpus(settings.corpus)
-    _shuffle_for_recall(fc, settings.corpus.seed)
-    prefixes = fc.write_indexed(os.path.join(work, f"corpus_{settings.key()}"))
-
-    results = []
-    for variant, seed in plan(settings):
-        if only and variant.name not in only:
-            continue
-        path = os.path.join(run_dir, f"{variant.name}_seed{seed}.json")
-        if os.path.exists(path) and not args.fresh:
-            with open(path) as f:
-                results.append(json.load(f))
-            print(f"{variant.name} seed {seed}: loaded {path}", flush=True)
-            continue
-        print(f"{variant.name} seed {seed}: training ({report.uptime()})", flush=True)
-        r = run_one(variant, settings, seed, fc, prefixes)
-        r["load_after"] = report.uptime()
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(r, f)
-        os.replace(tmp, path)
-        print(f"{variant.name} seed {seed}: val {r['final_valid_loss']:.4f} recall held-out "
-              f"{r['recall_heldout_question']['accuracy']:.3f} seen "
-              f"{r['recall_seen_question']['accuracy']:.3f} {r['tokens_per_second']:,.0f} tok/s "
-              f"({r['train_seconds']:.0f}s)", flush=True)  # fmt: skip
-        results.append(r)
+    by_name = {v.name: v for v in variants}
+    for seed in range(seeds):  # interleaved by seed: a cut-short sweep still has every variant
+        for name in configs.QUALITY:
+            runner.get(by_name[name], seed)
     wall = time.perf_counter() - t_start
     load_after = report.uptime()
+    results = runner.results
 
-    png = os.path.join(out, f"evidence_quality_cpu{suffix}.png")
-    plot(results, settings, png)
-    md = os.path.join(out, f"evidence_quality_cpu{suffix}.md")
-    lines = report.header(
-        "Quality at CPU scale: dense vs MoE vs PKM vs UltraMem (and ablations)"
+    png = os.path.join(args.out, f"evidence_quality_cpu{suffix}.png")
+    plot_curves(results, settings, png, configs.QUALITY)
+    by = by_variant(results)
+    fc = runner.fc
+    lines = run_header(
+        "Quality at CPU scale: dense vs MoE vs PKM vs UltraMem"
         + (" - QUICK smoke run, not evidence" if args.quick else ""),
-        command, load_before, load_after,
+        report.command_line(), load_before, load_after, runner, wall,
     )
-    chance_p = results[0]["recall_heldout_question"]["chance"]
-    lines += [
-        f"Wall time of the whole command: {wall / 60:.1f} min ({len(results)} runs; runs loaded "
-        "from an earlier invocation's JSON count 0 here).",
-        "",
-        "## Set-up",
-        "",
-        f"- Model: GPTModel {settings.size.num_layers} layers, hidden {settings.size.hidden_size}, "
-        f"{settings.size.num_attention_heads} heads, seq {settings.size.seq_length}, byte vocab "
-        f"{settings.size.vocab_size}, RoPE, no linear biases; every layer's MLP slot is the variant's.",
-        f"- Training: {settings.train_iters} steps x {settings.micro_batch_size} x "
-        f"{settings.size.seq_length} = {settings.tokens_per_run:,} tokens per run, AdamW (0.9, 0.95), "
-        f"lr {settings.lr} cosine to {settings.min_lr} after {settings.warmup_iters} warmup steps, "
-        f"wd {settings.weight_decay}, clip 1.0; memory value table LR x4 decaying to x1 "
-        "(UltraMemParamScheduler), Tucker refresh each step; MoE aux loss coeff 0.01.",
-        f"- Corpus (corpus.py, seed {settings.corpus.seed}): {len(fc.facts)} facts "
-        f"({settings.corpus.num_entities} entities x 4 relations), {len(fc.train_text):,} train bytes, "
-        f"{len(fc.valid_text):,} validation bytes; {len(fc.probe_facts)} probe facts whose question "
-        "form never appears in training.",
-        f"- Validation loss: {settings.eval_iters} x {settings.micro_batch_size} sequences of held-out "
-        "text (same batches for every run), at the last step.",
-        f"- Fact recall (rank-1 accuracy of the true value among its relation's 8 or 13 values by "
-        f"summed log-prob of the continuation; chance {100 * chance_p:.1f}%): **held-out Q**: the "
-        f"{min(settings.recall_facts, len(fc.probe_facts))} probe facts asked `\\nThe {{rel}} of "
-        "{ent} is` (a form never seen for them in training); **seen Q**: "
-        f"{min(settings.recall_facts, len(fc.seen_facts))} other facts asked the same way (the form "
-        f"appears in training); **trained forms**: all {len(fc.facts)} facts x "
-        f"{len(corpus.RECALL_TEMPLATES) - 1} training statement forms with the value last "
-        "(`For {ent}, the {rel} is`, ...), i.e. memorization in the forms trained on.",
-        f"- Seeds: {settings.seeds} for ultramem and moe (mean ± sample std), "
-        f"{settings.other_seeds} for the others. A seed sets the init and the training data order.",
-        "- tokens/s: optimizer steps only (forward, backward, clip, AdamW, Tucker refresh), "
-        "evaluation excluded; the machine is shared, so treat it as indicative.",
-        "",
-        "## Matched configurations (counts from the built models; asserted equal to the analytic "
-        "counts)",
-        "",
-    ]
+    lines += ["## Set-up", "", *setup_lines(settings, fc, f"{seeds} for every variant."), ""]
+    dense = by.get("dense", [])
+    if dense and not args.quick and settings.corpus == CORPUS:
+        exposures = settings.tokens_per_run / len(fc.train_text) * fc.spec.num_train_docs * fc.spec.facts_per_doc / len(fc.facts)
+        lines += ["Why this corpus: " + CORPUS_REASON.format(
+            exposures=exposures, tokens=settings.tokens_per_run,
+            dense_forms=pct_mean_std([r["recall_trained_forms"]["accuracy"] for r in dense]),
+            chance=f"{100 * dense[0]['recall_trained_forms']['chance']:.1f}%",
+            dense_value=mean_std([r["value_split"]["value_nats"] for r in dense], 3),
+            uniform=math.log(8)), ""]  # fmt: skip
+    lines += ["## Matched configurations (counts from the built models; asserted equal to the "
+              "analytic counts before each run)", ""]  # fmt: skip
     for v in variants:
-        lines.append(f"- `{v.name}`: {v.description}")
-    lines += ["", *table, "",
+        if v.name in configs.QUALITY:
+            lines.append(f"- `{v.name}`: {v.description}")
+    lines += ["", "All matched configurations (the ablations of `evidence_ablations_cpu.md` too):",
+              "", *table, "",
               f"Tolerances asserted vs MoE: total ±{100 * configs.TOTAL_TOL:.0f}% (not dense), "
               f"activated ±{100 * configs.ACTIVE_TOL:.0f}%, FLOPs ±{100 * configs.FLOPS_TOL:.0f}%.",
-              "", "## Results", "", *summarize(results, settings), "",
-              f"Loss curves: `{os.path.basename(png)}`.", ""]  # fmt: skip
-    lines += ["Per run:", "", "| variant | seed | val loss | recall held-out Q | recall seen Q | "
-              "recall trained forms | tokens/s | train s | load after |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in results:
-        lines.append(
-            f"| {r['variant']} | {r['seed']} | {r['final_valid_loss']:.4f} "
-            f"| {100 * r['recall_heldout_question']['accuracy']:.1f}% "
-            f"| {100 * r['recall_seen_question']['accuracy']:.1f}% "
-            f"| {100 * r['recall_trained_forms']['accuracy']:.1f}% | {r['tokens_per_second']:,.0f} "
-            f"| {r['train_seconds']:.0f} | {r.get('load_after', '').split('load average:')[-1].strip()} |"
-        )
+              "", "## Results", "", *result_table(results, configs.QUALITY), ""]  # fmt: skip
+    lines += headline_lines(by)
+    lines += [f"Loss curves: `{os.path.basename(png)}`.", "", "## Per run", "", *per_run_table(results)]
+    md = os.path.join(args.out, f"evidence_quality_cpu{suffix}.md")
     with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
+    headline = None
+    if len(by.get("ultramem", [])) > 1 and len(by.get("moe", [])) > 1:
+        headline = compare([r["final_valid_loss"] for r in by["ultramem"]],
+                           [r["final_valid_loss"] for r in by["moe"]])  # fmt: skip
+    report.write_summary(
+        md, report.command_line(), tokens_per_run=settings.tokens_per_run,
+        size=f"{settings.size.num_layers}L/{settings.size.hidden_size}d GPT",
+        runs_train_minutes=sum(r.get("wall_seconds", r["train_seconds"]) for r in results) / 60,
+        variants={n: variant_summary(by[n]) for n in configs.QUALITY if n in by},
+        ultramem_minus_moe=headline,
+    )  # fmt: skip
     print(f"wrote {md} and {png} ({wall / 60:.1f} min)", flush=True)
     return 0
+
+
+def variant_summary(rs: Sequence[Dict]) -> Dict:
+    """Mean and sample std (0 for one run) of a variant's validation loss and fact recall."""
+
+    def ms(xs):
+        return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+
+    return {
+        "seeds": len(rs),
+        "total_params": rs[0]["counts"]["total"],
+        "active_params": rs[0]["counts"]["active"],
+        "valid_loss": ms([r["final_valid_loss"] for r in rs]),
+        "value_nats": ms([r["value_split"]["value_nats"] for r in rs]),
+        "recall_trained_forms": ms([r["recall_trained_forms"]["accuracy"] for r in rs]),
+        "recall_heldout_question": ms([r["recall_heldout_question"]["accuracy"] for r in rs]),
+    }
+
+
+def headline_lines(by: Dict[str, List[Dict]]) -> List[str]:
+    """The closing comparison: UltraMem's mean validation loss vs MoE's (and PKM, dense)."""
+    u = [r["final_valid_loss"] for r in by.get("ultramem", [])]
+    if len(u) < 2:
+        return []
+    lines = ["## UltraMem vs the others (validation loss)", "",
+             "| vs | UltraMem mean - other mean | pooled sample std | difference in pooled std "
+             "| Welch t | UltraMem at or below? |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for other in ("moe", "pkm", "dense"):
+        o = [r["final_valid_loss"] for r in by.get(other, [])]
+        if len(o) < 2:
+            continue
+        c = compare(u, o)
+        lines.append(
+            f"| {other} | {c['diff']:+.4f} | {c['pooled_std']:.4f} | {c['diff_in_pooled_std']:+.1f} "
+            f"| {c['welch_t']:+.1f} | {'yes' if c['diff'] <= 0 else 'no'} |"
+        )
+    c = compare(u, [r["final_valid_loss"] for r in by["moe"]]) if len(by.get("moe", [])) > 1 else None
+    if c is not None:
+        verdict = "at or below" if c["diff"] <= 0 else "above"
+        lines += ["", f"**UltraMem's mean validation loss is {verdict} MoE's by {abs(c['diff']):.4f} "
+                  f"({abs(c['diff_in_pooled_std']):.1f} pooled standard deviations; Welch t = "
+                  f"{c['welch_t']:+.1f} over {len(u)} + {len(by['moe'])} seeds).**"]  # fmt: skip
+    return lines + [""]

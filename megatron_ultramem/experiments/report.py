@@ -15,6 +15,13 @@ def _run(cmd: str) -> str:
         return f"({cmd} failed: {err})"
 
 
+def now() -> str:
+    """UTC date and time, e.g. 2026-12-02 01:23:45."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def uptime() -> str:
     """`uptime` output (the load averages over 1/5/15 minutes)."""
     return _run("uptime")
@@ -67,3 +74,27 @@ def header(title: str, command: str, load_before: str, load_after: str) -> List[
         f"- after: `{load_after}`",
         "",
     ]
+
+
+def write_summary(md_path: str, command: str, **numbers) -> str:
+    """The headline numbers of a results file, next to it as JSON (`X.md` -> `X.json`), for
+    `python -m megatron_ultramem.experiments readme`, which builds the README's results table
+    from these files only. Written atomically. Returns the JSON path."""
+    import json
+
+    path = os.path.splitext(md_path)[0] + ".json"
+    lscpu = _run("lscpu | grep -i 'model name'")
+    blob = {
+        "file": os.path.basename(md_path),
+        "date": now() + " UTC",
+        "machine": f"{_run('nproc')} cores, {' '.join(lscpu.split(':', 1)[-1].split())}, no GPU",
+        "versions": versions(),
+        "command": command,
+        **numbers,
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(blob, f, indent=1, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
