@@ -30,6 +30,7 @@ from .quality import (
     settings_from_args,
     setup_lines,
     variant_summary,
+    write_report,
 )
 
 
@@ -131,13 +132,7 @@ def main(args) -> int:
               "## Results", "", *result_table(results, names), "",
               "## Per run", "", *per_run_table(results)]  # fmt: skip
     md = os.path.join(args.out, f"evidence_ablations_cpu{suffix}.md")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    report.write_summary(
-        md, report.command_line(),
-        runs_train_minutes=sum(r.get("wall_seconds", r["train_seconds"]) for r in results) / 60,
-        variants={n: variant_summary(by[n]) for n in names if n in by},
-        effects=effects(by),
-    )  # fmt: skip
+    write_report(md, lines, results, effects=effects(by),
+                 variants={n: variant_summary(by[n]) for n in names if n in by})  # fmt: skip
     print(f"wrote {md} ({wall / 60:.1f} min)", flush=True)
     return 0

@@ -440,11 +440,24 @@ def run_header(title: str, command: str, load_before: str, load_after: str, runn
         f"Wall time of this command: {wall / 60:.1f} min ({len(trained)} runs trained here, "
         f"{runner.waited / 60:.1f} min of it waiting for the 1-minute load to fall below "
         f"{runner.wait_load}; {len(loaded)} runs loaded from earlier commands' run files, see the "
-        "per-run table for when and under what load each was trained). Run files: "
-        f"`{runner.run_dir}/` (settings key `{runner.settings.key()}`).",
+        "per-run table for when and under what load each was trained). Training wall time of all "
+        f"{len(runner.results)} runs in this file: {train_minutes(runner.results):.1f} min. "
+        f"Run files: `{runner.run_dir}/` (settings key `{runner.settings.key()}`).",
         "",
     ]
     return lines
+
+
+def train_minutes(results: Sequence[Dict]) -> float:
+    """Training wall time of the runs, summed (each run's own, wherever it was trained)."""
+    return sum(r.get("wall_seconds", r["train_seconds"]) for r in results) / 60
+
+
+def write_report(md: str, lines: Sequence[str], results: Sequence[Dict], **numbers) -> None:
+    """The report's markdown, and next to it the JSON summary the README's table reads."""
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    report.write_summary(md, report.command_line(), runs_train_minutes=train_minutes(results), **numbers)
 
 
 def _seeds(args, default: int) -> int:
@@ -566,16 +579,13 @@ def main(args) -> int:
     lines += headline_lines(by)
     lines += [f"Loss curves: `{os.path.basename(png)}`.", "", "## Per run", "", *per_run_table(results)]
     md = os.path.join(args.out, f"evidence_quality_cpu{suffix}.md")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
     headline = None
     if len(by.get("ultramem", [])) > 1 and len(by.get("moe", [])) > 1:
         headline = compare([r["final_valid_loss"] for r in by["ultramem"]],
                            [r["final_valid_loss"] for r in by["moe"]])  # fmt: skip
-    report.write_summary(
-        md, report.command_line(), tokens_per_run=settings.tokens_per_run,
+    write_report(
+        md, lines, results, tokens_per_run=settings.tokens_per_run,
         size=f"{settings.size.num_layers}L/{settings.size.hidden_size}d GPT",
-        runs_train_minutes=sum(r.get("wall_seconds", r["train_seconds"]) for r in results) / 60,
         variants={n: variant_summary(by[n]) for n in configs.QUALITY if n in by},
         ultramem_minus_moe=headline,
     )  # fmt: skip

@@ -12,7 +12,7 @@ file gives a row that says so instead of a number.
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -98,7 +98,7 @@ ROWS = (
     ("evidence_ablations_cpu.json", ablations_row),
     ("evidence_scaling_cpu.json", scaling_row),
     ("bench_decode_cpu.json", decode_row),
-)  # type: tuple[tuple[str, Callable[[Dict], List[str]]], ...]
+)
 
 
 def table(results: str) -> List[str]:

@@ -28,6 +28,7 @@ from .quality import (
     settings_from_args,
     setup_lines,
     variant_summary,
+    write_report,
 )
 
 NUM_KEYS = (20, 40, 79, 112)
@@ -171,11 +172,8 @@ def main(args) -> int:
               f"falls at every step: {'yes' if falling else 'no'}.", "",
               f"Plot: `{os.path.basename(png)}`.", "", "## Per run", "", *per_run_table(results)]  # fmt: skip
     md = os.path.join(args.out, f"evidence_scaling_cpu{suffix}.md")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    report.write_summary(
-        md, report.command_line(),
-        runs_train_minutes=sum(r.get("wall_seconds", r["train_seconds"]) for r in results) / 60,
+    write_report(
+        md, lines, results,
         points=[{"n": v.ultramem.num_keys, "N": v.ultramem.num_values, **variant_summary(by[v.name])}
                 for v in variants],
         slope_per_doubling=slope, falling_at_every_step=falling,
