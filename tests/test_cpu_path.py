@@ -150,6 +150,35 @@ def test_tdqkr_no_grad_path_and_empty_batch():
     assert virtual.shape == (0, H, m) and scores.shape == (0, H, m, h)
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_tdqkr_outputs_do_not_alias_its_scratch_buffers(grad):
+    """The selection's scores and grid live in scratch buffers kept between calls: a second call
+    (other queries, a smaller and then a larger batch, which grows the buffers) must leave the
+    first call's results and their gradients untouched."""
+    T, H, n_side, K, r, h, m = CASES[0]
+    q_row, q_col, keys_row, keys_col, cores, u, v, ln_r, ln_c = _retrieval_inputs(
+        T, H, n_side, K, r, h, seed=5
+    )
+    rows_r, rows_c = cpu_path.key_rows(keys_row, ln_r), cpu_path.key_rows(keys_col, ln_c)
+    with torch.set_grad_enabled(grad):
+        virtual, scores = cpu_path.tdqkr(q_row, q_col, rows_r, rows_c, cores, u, v, m)
+        kept = virtual.clone(), scores.detach().clone()
+        for t in (T // 3, 3 * T):  # other tokens, then more of them
+            g = gen(t)
+            other = [torch.randn(t, K, generator=g, dtype=torch.float64) for _ in range(2)]
+            cpu_path.tdqkr(*other, rows_r, rows_c, cores, u, v, m)
+    assert torch.equal(virtual, kept[0]) and torch.equal(scores.detach(), kept[1])
+    if grad:  # the backward reads what forward saved, after the other calls
+        (gq,) = torch.autograd.grad(scores.sum(), [q_row])
+        with torch.no_grad():
+            _, again = cpu_path.tdqkr(q_row, q_col, rows_r, rows_c, cores, u, v, m)
+        assert torch.equal(again, kept[1])
+        q2 = q_row.detach().clone().requires_grad_()
+        _, fresh = cpu_path.tdqkr(q2, q_col, rows_r, rows_c, cores, u, v, m)
+        (gq2,) = torch.autograd.grad(fresh.sum(), [q2])
+        assert torch.equal(gq, gq2)
+
+
 def test_rotation_is_orthogonal_with_u_first():
     w = torch.randn(5, 3, generator=gen(4), dtype=torch.float64)
     w[1] = torch.tensor([2.0, 0.0, 0.0])  # already e_1: identity
