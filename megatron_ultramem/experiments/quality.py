@@ -437,9 +437,10 @@ def run_header(title: str, command: str, load_before: str, load_after: str, runn
     trained = [r for r in runner.results if not r.get("loaded")]
     loaded = [r for r in runner.results if r.get("loaded")]
     lines += [
-        f"Wall time of this command: {wall / 60:.1f} min ({len(trained)} runs trained here, "
-        f"{runner.waited / 60:.1f} min of it waiting for the 1-minute load to fall below "
-        f"{runner.wait_load}; {len(loaded)} runs loaded from earlier commands' run files, see the "
+        f"Wall time of this command: {wall / 60:.1f} min ({len(trained)} runs trained here"
+        + (f", {runner.waited / 60:.1f} min of it waiting for the 1-minute load to fall below "
+           f"{runner.wait_load}" if runner.wait_load is not None else "")
+        + f"; {len(loaded)} runs loaded from earlier commands' run files, see the "
         "per-run table for when and under what load each was trained). Training wall time of all "
         f"{len(runner.results)} runs in this file: {train_minutes(runner.results):.1f} min. "
         f"Run files: `{runner.run_dir}/` (settings key `{runner.settings.key()}`).",
