@@ -236,21 +236,19 @@ def profiles(mods, size: Size):
     return {f"decode step, B={B}": profile(um, decode, 5), f"training step, T={T}": profile(um, train, 2)}
 
 
-def single_token_bytes(size: Size, elt: int = 4) -> Dict[str, float]:
-    """Parameter bytes one decode token must read (fp32), the floor at B = 1 where nothing is
-    shared between tokens. UltraMem: query projection [2K, D], both key tables (H * n' * K * r
-    each), the cores, H*m value rows of Dv and Wo [D, E*Dv]. MoE: the router [experts, D] and
-    top-k experts' fc1 + fc2 (2 * D * F each). Dense: fc1 + fc2."""
-    n_side = int(round(size.expansion**0.5)) * size.num_keys
-    um = (
-        2 * size.key_dim * size.hidden
-        + 2 * size.heads * n_side * size.key_dim * size.rank
-        + size.heads * size.cores * size.rank**2
-        + size.heads * size.topm * size.value_dim
-        + size.hidden * size.expansion * size.value_dim
-    )
-    moe = size.experts * size.hidden + size.topk * 2 * size.hidden * size.expert_ffn
-    return {"ultramem": um * elt, "moe": moe * elt, "dense": 2 * size.hidden * size.dense_ffn * elt}
+def single_token_bytes(size: Size) -> Dict[str, float]:
+    """fp32 parameter bytes one decode token must read (sizing.py's `bytes_per_token` at B = 1),
+    the floor at B = 1 where nothing is shared between tokens. UltraMem: everything but the table,
+    plus H*m value rows; MoE: the router and the top-k experts."""
+    from megatron_ultramem.sizing import MoEShape, UltraMemShape
+
+    um = UltraMemShape(
+        hidden_size=size.hidden, key_dim=size.key_dim, num_heads=size.heads,
+        num_keys=size.num_keys, expansion=size.expansion, tucker_rank=size.rank,
+        num_cores=size.cores, value_dim=size.value_dim, topm=size.topm,
+    )  # fmt: skip
+    moe = MoEShape(size.hidden, size.experts, size.topk, size.expert_ffn, num_layers=1)
+    return {"ultramem": um.bytes_per_token(1, 4), "moe": moe.bytes_per_token(1, 4)}
 
 
 # ---------------------------------------------------------------------- report
@@ -405,15 +403,13 @@ def main(argv=None) -> int:
             "",
         ]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
 
     def ratios(table):
         return {k: {"ultramem_ms": t["ultramem"], "moe_ms": t["moe"], "ratio": t["ultramem"] / t["moe"]}
                 for k, t in table.items()}  # fmt: skip
 
-    report.write_summary(args.out, command, decode=ratios(dec), train=ratios(tr), wall_seconds=wall,
-                         single_token_bytes_ratio=b1["ultramem"] / b1["moe"])  # fmt: skip
+    report.write_report(args.out, lines, command, decode=ratios(dec), train=ratios(tr),
+                        wall_seconds=wall, single_token_bytes_ratio=b1["ultramem"] / b1["moe"])  # fmt: skip
     print(f"wrote {args.out} ({wall / 60:.1f} min)", flush=True)
     return 0
 

@@ -30,6 +30,7 @@ Shapes: T tokens, H heads, n' keys per side, r Tucker rank, h cores, m top-m, M 
 token, N table rows, Dv (local) value columns, E virtual blocks, K key dim.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -205,9 +206,7 @@ def _scratch(slot: str, shape: Tuple[int, ...], like: torch.Tensor) -> torch.Ten
     blocks), and touching them costs more than the work on them: 4-5 ms per 8 MiB at T = 1024
     tokens, measured, against 0.5 ms for the [T, H, m, m] grid product itself. Not thread-safe:
     two threads running the CPU path at once would share these buffers."""
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     key = (slot, like.device, like.dtype)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < n:

@@ -27,6 +27,7 @@ from .quality import (
     per_run_table,
     result_table,
     run_header,
+    seeds_from_args,
     settings_from_args,
     setup_lines,
     variant_summary,
@@ -87,7 +88,7 @@ def effect_rows(by: Dict[str, List[Dict]]) -> List[str]:
 
 def main(args) -> int:
     settings = settings_from_args(args)
-    seeds = args.seeds if args.seeds is not None else 2
+    seeds = seeds_from_args(args, 2)
     runner = make_runner(args, settings)
     suffix = "_quick" if args.quick else ""
     os.makedirs(args.out, exist_ok=True)

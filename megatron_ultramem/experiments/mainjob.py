@@ -87,8 +87,6 @@ def main(args) -> int:
                 tokens_per_second=r["tokens_per_second"], first_train_loss=r["initial_train_loss"],
                 final_train_loss=r["final_train_loss"], final_valid_loss=r["final_valid_loss"],
             )  # fmt: skip
-        with open(md, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        report.write_summary(md, command, **numbers)
+        report.write_report(md, lines, command, **numbers)
     print(f"wrote {md} ({wall:.0f} s)")
     return 0

@@ -455,13 +455,13 @@ def train_minutes(results: Sequence[Dict]) -> float:
 
 
 def write_report(md: str, lines: Sequence[str], results: Sequence[Dict], **numbers) -> None:
-    """The report's markdown, and next to it the JSON summary the README's table reads."""
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    report.write_summary(md, report.command_line(), runs_train_minutes=train_minutes(results), **numbers)
+    """report.write_report with this command line and the runs' summed training time."""
+    report.write_report(md, lines, report.command_line(), runs_train_minutes=train_minutes(results),
+                        **numbers)  # fmt: skip
 
 
-def _seeds(args, default: int) -> int:
+def seeds_from_args(args, default: int) -> int:
+    """--seeds, or the command's default."""
     seeds = args.seeds if args.seeds is not None else default
     if seeds < 1:
         raise SystemExit("error: --seeds must be >= 1")
@@ -531,7 +531,7 @@ def plot_curves(results: Sequence[Dict], settings: Settings, path: str, order: S
 # ---------------------------------------------------------------------- the sweep
 def main(args) -> int:
     settings = settings_from_args(args)
-    seeds = _seeds(args, 2 if args.quick else 3)
+    seeds = seeds_from_args(args, 2 if args.quick else 3)
     runner = make_runner(args, settings)
     suffix = "_quick" if args.quick else ""
     os.makedirs(args.out, exist_ok=True)

@@ -3,7 +3,7 @@
     python -m megatron_ultramem.experiments readme [--results benchmarks/results] [--readme README.md]
     python -m megatron_ultramem.experiments readme --check   # exit 1 if README.md is out of date
 
-Each row reads one JSON file that a benchmark wrote next to its .md (report.write_summary), so a
+Each row reads one JSON file that a benchmark wrote next to its .md (report.write_report), so a
 number in the README always has a file with its command, date, machine and load behind it. The
 table replaces the lines between `<!-- results:begin -->` and `<!-- results:end -->`. A missing
 file gives a row that says so instead of a number.

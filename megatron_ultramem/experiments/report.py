@@ -76,12 +76,15 @@ def header(title: str, command: str, load_before: str, load_after: str) -> List[
     ]
 
 
-def write_summary(md_path: str, command: str, **numbers) -> str:
-    """The headline numbers of a results file, next to it as JSON (`X.md` -> `X.json`), for
-    `python -m megatron_ultramem.experiments readme`, which builds the README's results table
-    from these files only. Written atomically. Returns the JSON path."""
+def write_report(md_path: str, lines: List[str], command: str, **numbers) -> str:
+    """A results file: its markdown `lines`, and next to it (`X.md` -> `X.json`) its headline
+    `numbers` with date, machine, versions and command, for `python -m megatron_ultramem.experiments
+    readme`, which builds the README's results table from these JSON files only. The JSON is
+    written atomically. Returns its path."""
     import json
 
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
     path = os.path.splitext(md_path)[0] + ".json"
     lscpu = _run("lscpu | grep -i 'model name'")
     blob = {

@@ -25,6 +25,7 @@ from .quality import (
     pct_mean_std,
     per_run_table,
     run_header,
+    seeds_from_args,
     settings_from_args,
     setup_lines,
     variant_summary,
@@ -101,7 +102,7 @@ def plot(variants, by: Dict[str, List[Dict]], refs: Dict[str, List[float]], path
 
 def main(args) -> int:
     settings = settings_from_args(args)
-    seeds = args.seeds if args.seeds is not None else 2
+    seeds = seeds_from_args(args, 2)
     if args.num_keys:
         num_keys = [int(x) for x in args.num_keys.split(",")]
     else:
