@@ -1,6 +1,6 @@
 """Every difference between the megatron-core releases this plugin supports, behind one small shim.
 
-Tested releases: 0.16.1 and 0.19.0 (CI runs the suite on both). Code elsewhere in the package calls
+Tested releases: 0.16.1 and 0.19.2 (CI runs the suite on both). Code elsewhere in the package calls
 these functions instead of checking versions itself; each shim says which releases differ and how,
 and tests/test_compat.py pins each difference on the installed release.
 
@@ -25,7 +25,7 @@ import functools
 import warnings
 from typing import Optional
 
-TESTED_VERSIONS = ("0.16.1", "0.19.0")
+TESTED_VERSIONS = ("0.16.1", "0.19.2")
 """megatron-core releases the test suite runs on (pyproject: megatron-core>=0.16,<0.20)."""
 
 

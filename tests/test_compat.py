@@ -22,7 +22,7 @@ def test_installed_version_is_a_tested_one():
 
 def test_untested_version_warns_once(monkeypatch):
     monkeypatch.setattr(compat, "_WARNED", [])
-    with pytest.warns(UserWarning, match="0.16.1 and 0.19.0"):
+    with pytest.warns(UserWarning, match="0.16.1 and 0.19.2"):
         assert not compat.check_version("0.21.0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -40,7 +40,7 @@ def test_import_of_the_package_warns_on_an_untested_version(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "tested with megatron-core 0.16.1 and 0.19.0" in proc.stderr
+    assert "tested with megatron-core 0.16.1 and 0.19.2" in proc.stderr
     assert "0.99.0" in proc.stderr
 
 
