@@ -3,13 +3,19 @@
     python -m megatron_ultramem.experiments quality   [--quick] [--seeds 3] [--out DIR] [--wait-load 1.5]
     python -m megatron_ultramem.experiments ablations [--quick] [--seeds 2] [--out DIR] [--wait-load 1.5]
     python -m megatron_ultramem.experiments scaling   [--quick] [--seeds 2] [--num-keys 20,40,79,112]
+    python -m megatron_ultramem.experiments capacity  [--quick] [--seeds 2] [--headline-seeds 3] [--facts ...]
+    python -m megatron_ultramem.experiments capacity-scaling [--quick] [--seeds 2] [--num-keys ...]
     python -m megatron_ultramem.experiments decode    [--quick] [--out DIR]
     python -m megatron_ultramem.experiments configs   [--quick] [--build]
     python -m megatron_ultramem.experiments mainjob   [--compare]
     python -m megatron_ultramem.experiments readme    [--check]
 
 `quality` trains dense, MoE, PKM and UltraMem at matched total and activated parameters and FLOPs
-(configs.py) on the fact corpus (corpus.py) and writes evidence_quality_cpu.md + .png;
+(configs.py) on the fact corpus (corpus.py) and writes evidence_quality_cpu.md + .png (its facts
+are not learned by any model in its budget: it measures text modelling without a knowledge
+bottleneck); `capacity` trains the same four at a smaller size on random facts whose number is swept
+(capacity.py: recall and loss on the facts, evidence_capacity_cpu.md + .png) and
+`capacity-scaling` UltraMem at several table sizes there (evidence_capacity_scaling_cpu.md);
 `ablations` trains UltraMem without IVE, TDQKR, MCS, the value-LR decay and with the previous init
 (evidence_ablations_cpu.md); `scaling` trains UltraMem at several value-table sizes N at the MoE's
 activated parameters (evidence_scaling_cpu.md + .png). The three share one run cache (--work):
@@ -40,6 +46,13 @@ def _training_flags(q: argparse.ArgumentParser, seeds_help: str) -> None:
                    help="before each run, wait until the 1-minute load average is below L")
 
 
+def _capacity_flags(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--facts", default=None, help="comma-separated fact counts")
+    q.add_argument("--corpus-seed", type=int, default=0,
+                   help="the facts (0: the verdict's; another seed: a tuning split for choices)")
+    q.add_argument("--name", default=None, help="results file name without extension")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_ultramem.experiments")
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     _training_flags(s, "seeds per size (default 2)")
     s.add_argument("--num-keys", default=None,
                    help="comma-separated n (keys per side, N = n^2); default 20,40,79,112")
+    k = sub.add_parser("capacity", help="knowledge capacity: recall of random facts against their number")
+    _training_flags(k, "seeds per point (default 2)")
+    _capacity_flags(k)
+    k.add_argument("--headline-seeds", type=int, default=None,
+                   help="seeds at the headline fact count (default 3; --quick: --seeds)")
+    k.add_argument("--headline-facts", type=int, default=None, help="the headline fact count")
+    k.add_argument("--variants", default=None, help="comma-separated (default ultramem,moe,pkm,dense)")
+    ks = sub.add_parser("capacity-scaling", help="UltraMem recall against table size, fixed activated params")
+    _training_flags(ks, "seeds per size (default 2)")
+    _capacity_flags(ks)
+    ks.add_argument("--num-keys", default=None,
+                    help="comma-separated n (keys per side, N = n^2); default 14,20,28,40,56")
     d = sub.add_parser("decode", help="one decode step of the MLP slot: latency, bytes read")
     d.add_argument("--quick", action="store_true", help="CI smoke size")
     d.add_argument("--out", default="benchmarks/results")
@@ -87,6 +112,14 @@ def main(argv=None) -> int:
         from . import scaling
 
         return scaling.main(args)
+    if args.command == "capacity":
+        from . import capacity
+
+        return capacity.main(args)
+    if args.command == "capacity-scaling":
+        from . import capacity
+
+        return capacity.scaling_main(args)
     if args.command == "mainjob":
         from . import mainjob
 

@@ -105,6 +105,8 @@ class Variant:
     score_activation: str = "none"
     value_lr_mult: Optional[float] = None  # rho0; None: the main job's default (train.DEFAULTS)
     init: str = "paper"  # "paper" (calibrated) | "paper_uncalibrated" (the previous init)
+    config_overrides: Tuple[Tuple[str, object], ...] = ()
+    """Further UltraMemConfig fields of a memory variant, e.g. (("ultramem_init", "reference"),)."""
 
 
 HEADLINE = ("ultramem", "moe")
@@ -344,8 +346,9 @@ def _ultramem_config(size: ModelSize, variant: Variant, seed: int):
     if variant.value_lr_mult is not None:
         args.ultramem_value_lr_mult = variant.value_lr_mult
     return train.make_config(
-        args, add_bias_linear=False, ultramem_score_activation=variant.score_activation
-    )
+        args, add_bias_linear=False, ultramem_score_activation=variant.score_activation,
+        **dict(variant.config_overrides),
+    )  # fmt: skip
 
 
 def build_config(variant: Variant, size: ModelSize, seed: int = 1234):

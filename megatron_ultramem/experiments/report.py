@@ -44,9 +44,31 @@ def versions() -> Dict[str, str]:
     }
 
 
+PLACEHOLDERS = {"--work": "W"}
+"""Flags whose value is a folder of this machine: recorded as a placeholder (any folder will do)."""
+
+
 def command_line() -> str:
-    """The command as typed: `python -m megatron_ultramem.experiments ...`."""
-    return "python -m megatron_ultramem.experiments " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command as typed, `python -m megatron_ultramem.experiments ...`, with the run-cache
+    folder written as its placeholder (`--work W`): results files hold no path of this machine."""
+    args, out = sys.argv[1:], []
+    for i, a in enumerate(args):
+        flag = a.split("=", 1)[0]
+        if flag in PLACEHOLDERS and "=" in a:
+            a = f"{flag}={PLACEHOLDERS[flag]}"
+        elif i > 0 and args[i - 1] in PLACEHOLDERS:
+            a = PLACEHOLDERS[args[i - 1]]
+        out.append(shlex.quote(a))
+    return " ".join(["python -m megatron_ultramem.experiments"] + out)
+
+
+def where(path: str) -> str:
+    """`path` relative to the current directory when it lies below it, else its last two parts
+    (a results file never names a folder of this machine)."""
+    rel = os.path.relpath(os.path.abspath(path))
+    if not rel.startswith(".."):
+        return rel
+    return os.path.join("...", *os.path.abspath(path).split(os.sep)[-2:])
 
 
 def header(title: str, command: str, load_before: str, load_after: str) -> List[str]:
@@ -67,7 +89,8 @@ def header(title: str, command: str, load_before: str, load_after: str) -> List[
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "",
-        f"Command (from `{os.getcwd()}`): `{command}`",
+        f"Command (from {'the repository root' if os.path.exists('pyproject.toml') else 'outside the repository'}): "
+        f"`{command}`",
         "",
         "Machine load (`uptime`; the 2 cores are shared with other engineers' processes):",
         f"- before: `{load_before}`",
