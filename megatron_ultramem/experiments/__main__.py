@@ -46,9 +46,9 @@ def _training_flags(q: argparse.ArgumentParser, seeds_help: str) -> None:
                    help="before each run, wait until the 1-minute load average is below L")
 
 
-def _capacity_flags(q: argparse.ArgumentParser) -> None:
+def _capacity_flags(q: argparse.ArgumentParser, corpus_seed: int = 0) -> None:
     q.add_argument("--facts", default=None, help="comma-separated fact counts")
-    q.add_argument("--corpus-seed", type=int, default=0,
+    q.add_argument("--corpus-seed", type=int, default=corpus_seed,
                    help="the facts (0: the verdict's; another seed: a tuning split for choices)")
     q.add_argument("--name", default=None, help="results file name without extension")
 
@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     _capacity_flags(ks)
     ks.add_argument("--num-keys", default=None,
                     help="comma-separated n (keys per side, N = n^2); default 14,20,28,40,56")
+    kd = sub.add_parser("capacity-diagnosis", help="UltraMem with one change at a time (tuning split)")
+    _training_flags(kd, "seeds per variant (default 2)")
+    _capacity_flags(kd, corpus_seed=1)
+    kd.add_argument("--exposures-mult", type=int, default=2,
+                    help="also train UltraMem, MoE and dense on this many times the tokens (1: skip)")
     d = sub.add_parser("decode", help="one decode step of the MLP slot: latency, bytes read")
     d.add_argument("--quick", action="store_true", help="CI smoke size")
     d.add_argument("--out", default="benchmarks/results")
@@ -120,6 +125,10 @@ def main(argv=None) -> int:
         from . import capacity
 
         return capacity.scaling_main(args)
+    if args.command == "capacity-diagnosis":
+        from . import capacity
+
+        return capacity.diagnosis_main(args)
     if args.command == "mainjob":
         from . import mainjob
 

@@ -43,6 +43,7 @@ the sweep's UltraMem, MoE and dense runs at its F.
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
@@ -86,7 +87,7 @@ QUICK_BASE = Settings(
     eval_interval=3, eval_iters=1, value_windows=8, recall_facts=0,
 )  # fmt: skip
 QUICK_FACTS = (20, 40)
-QUICK_NUM_KEYS = (12, 24, 48)
+QUICK_NUM_KEYS = (14, 28, 56)  # 56: the quick sweep's UltraMem (shared runs)
 
 NUM_KEYS = (14, 20, 28, 40, 56)
 """n per side for capacity-scaling: N = 196 .. 3,136 rows (16x); 56 is the matched UltraMem.
@@ -248,6 +249,12 @@ def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------------- running
+def _bad(flag: str, message: str) -> None:
+    """A bad flag: one line naming it on stderr, exit code 2, before any work."""
+    print(f"error: {flag}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _runners(args, base: Settings, facts: Sequence[int]) -> Dict[int, Runner]:
     return {
         F: make_runner(args, settings_for(F, base), make_corpus=cc.make_corpus, measure=capacity_metrics)
@@ -257,7 +264,7 @@ def _runners(args, base: Settings, facts: Sequence[int]) -> Dict[int, Runner]:
 
 def base_from_args(args) -> Settings:
     if args.entities:
-        raise SystemExit("error: --entities: the capacity corpus has no entity count; use --facts")
+        _bad("--entities", "the capacity corpus has no entity count; use --facts")
     base = QUICK_BASE if args.quick else BASE
     if args.train_iters:
         base = replace(base, train_iters=args.train_iters)
@@ -266,15 +273,15 @@ def base_from_args(args) -> Settings:
     return base
 
 
-def _ints(text: Optional[str], default: Sequence[int]) -> List[int]:
+def _ints(text: Optional[str], default: Sequence[int], flag: str = "--facts") -> List[int]:
     if not text:
         return list(default)
     try:
         out = sorted({int(x) for x in text.split(",")})
     except ValueError:
-        raise SystemExit(f"error: expected comma-separated integers, got {text!r}") from None
+        _bad(flag, f"expected comma-separated integers, got {text!r}")
     if not out or out[0] < 1:
-        raise SystemExit(f"error: expected positive integers, got {text!r}")
+        _bad(flag, f"expected positive integers, got {text!r}")
     return out
 
 
@@ -443,7 +450,7 @@ def _variants(size: ModelSize, text: Optional[str]) -> List[configs.Variant]:
     try:
         return [configs.variant_by_name(size, n.strip()) for n in names]
     except KeyError as err:
-        raise SystemExit(f"error: --variants: {err.args[0]}") from None
+        _bad("--variants", err.args[0])
 
 
 def main(args) -> int:
@@ -451,7 +458,7 @@ def main(args) -> int:
     facts = _ints(args.facts, QUICK_FACTS if args.quick else FACTS)
     headline = args.headline_facts or (facts[-1] if args.quick else HEADLINE_FACTS)
     if headline not in facts:
-        raise SystemExit(f"error: --headline-facts {headline} is not one of --facts {facts}")
+        _bad("--headline-facts", f"{headline} is not one of --facts {facts}")
     seeds = seeds_from_args(args, 2)
     headline_seeds = max(seeds, args.headline_seeds if args.headline_seeds is not None else (seeds if args.quick else 3))
     variants = _variants(base.size, args.variants)
@@ -584,15 +591,15 @@ def scaling_main(args) -> int:
     base = base_from_args(args)
     F = _ints(args.facts, [QUICK_FACTS[-1] if args.quick else HEADLINE_FACTS])
     if len(F) != 1:
-        raise SystemExit(f"error: --facts: capacity-scaling takes one fact count, got {F}")
+        _bad("--facts", f"capacity-scaling takes one fact count, got {F}")
     F = F[0]
     seeds = seeds_from_args(args, 2)
-    num_keys = _ints(args.num_keys, QUICK_NUM_KEYS if args.quick else NUM_KEYS)
+    num_keys = _ints(args.num_keys, QUICK_NUM_KEYS if args.quick else NUM_KEYS, "--num-keys")
     size = base.size
     try:
         variants = configs.scaling_variants(size, num_keys)
     except ValueError as err:
-        raise SystemExit(f"error: --num-keys: {err}") from None
+        _bad("--num-keys", str(err))
     table = check_fixed_active(variants, size)
     suffix = ("_quick" if args.quick else "") + ("" if not args.corpus_seed else f"_tuning{args.corpus_seed}")
     name = args.name or f"evidence_capacity_scaling_cpu{suffix}"
@@ -713,3 +720,163 @@ def plot_scaling(Ns, points, refs, path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------- why UltraMem vs MoE
+TUNING_SEED = 1
+"""The diagnosis' corpus seed: its own facts, never the verdict's (corpus seed 0)."""
+
+
+def diagnosis_variants(size: ModelSize) -> List[configs.Variant]:
+    """UltraMem with one thing changed each (matched to the same MoE where the change moves the
+    counts: m, H, K and E re-solve n and F_d), then the references MoE and dense."""
+    base = configs.variant_by_name(size, "ultramem")
+
+    def sized(name: str, what: str, **knobs) -> configs.Variant:
+        v = configs.variant_by_name(replace(size, **knobs), "ultramem")
+        return replace(v, name=name, description=f"{what}: {configs._describe_memory(v.ultramem)}")
+
+    def changed(name: str, what: str, **fields) -> configs.Variant:
+        return replace(base, name=name, description=f"{what} (shape as `ultramem`)", **fields)
+
+    return [
+        base,
+        changed("ultramem_rho1", "value LR x1 (rho0 = 1: no boost)", value_lr_mult=1.0),
+        changed("ultramem_rho16", "value LR x16 decaying linearly to x1", value_lr_mult=16.0),
+        changed("ultramem_rho4_const", "value LR x4 constant (no decay)",
+                config_overrides=(("ultramem_value_lr_decay_rate", 1e9),)),  # fmt: skip
+        changed("ultramem_init_reference", "the reference code's init (values std 0.02, ...)",
+                config_overrides=(("ultramem_init", "reference"),)),  # fmt: skip
+        sized("ultramem_m4", "m = 4", topm=4),
+        sized("ultramem_m12", "m = 12", topm=12),  # m = 16: +3.7% FLOPs (the m^2 r rescoring)
+        sized("ultramem_h1", "H = 1", num_heads=1),
+        sized("ultramem_h1_m16", "H = 1, m = 16 (as many rows per token as H = 2, m = 8)",
+              num_heads=1, topm=16),  # H = 4: its key tables alone exceed the activated budget
+        sized("ultramem_k8", "K = 8 (half the key parameters; a larger dense MLP beside)", key_dim=8),
+        configs.variant_by_name(size, "ultramem_no_ive"),
+        configs.variant_by_name(size, "moe"),
+        configs.variant_by_name(size, "dense"),
+    ]
+
+
+DIAGNOSIS_TOTAL_TOL = 0.015
+"""Total parameters vs the MoE for the diagnosis' variants (m = 4 and H = 1 land at -1.06%)."""
+QUICK_DIAGNOSIS = ("ultramem", "ultramem_rho1", "ultramem_m4", "moe")
+
+
+def diagnosis_main(args) -> int:
+    """`capacity-diagnosis`: UltraMem with one change at a time, on the tuning split."""
+    if args.corpus_seed == 0:
+        _bad("--corpus-seed", "the diagnosis must not use the verdict's facts (0): choose another seed")
+    base = base_from_args(args)
+    size = base.size
+    F = _ints(args.facts, [QUICK_FACTS[-1] if args.quick else HEADLINE_FACTS])
+    if len(F) != 1:
+        _bad("--facts", f"capacity-diagnosis takes one fact count, got {F}")
+    F = F[0]
+    seeds = seeds_from_args(args, 2)
+    if args.exposures_mult < 1:
+        _bad("--exposures-mult", f"must be >= 1 (1: skip the longer runs), got {args.exposures_mult}")
+    variants = diagnosis_variants(size)
+    if args.quick:
+        variants = [v for v in variants if v.name in QUICK_DIAGNOSIS]
+    counts = {v.name: configs.analytic_counts(v, size) for v in variants}
+    # every variant at the MoE's counts; n is an integer, so a changed m or H can miss the total by
+    # a little more than the sweep's 1%
+    table = configs.check_matched(counts, total_tol=DIAGNOSIS_TOTAL_TOL)
+    longer = args.exposures_mult
+    name = args.name or f"evidence_capacity_diagnosis_cpu{'_quick' if args.quick else ''}"
+    os.makedirs(args.out, exist_ok=True)
+    load_before = report.uptime()
+    t_start = time.perf_counter()
+    runner = _runners(args, base, [F])[F]
+    runners = [runner]
+    long_runner = None
+    if longer > 1:  # the exposures lever: the same facts, `longer` x the tokens
+        long_base = replace(base, train_iters=base.train_iters * longer)
+        long_runner = _runners(args, long_base, [F])[F]
+        runners.append(long_runner)
+    long_names = ("ultramem", "moe", "dense")
+    for seed in range(seeds):
+        for v in variants:
+            runner.get(v, seed)
+        if long_runner is not None:
+            for v in variants:
+                if v.name in long_names:
+                    long_runner.get(v, seed)
+    wall = time.perf_counter() - t_start
+    load_after = report.uptime()
+
+    rows = {v.name: summary([r for r in runner.results if r["variant"] == v.name]) for v in variants}
+    long_rows = {}
+    if long_runner is not None:
+        long_rows = {n: summary([r for r in long_runner.results if r["variant"] == n]) for n in long_names
+                     if any(r["variant"] == n for r in long_runner.results)}  # fmt: skip
+    results = runner.results + (long_runner.results if long_runner else [])
+    key = "recall_trained_forms"
+
+    def versus(a: str, b: str, pool=rows) -> Dict:
+        return verdict(pool[a][key]["values"], pool[b][key]["values"])
+
+    title = "Why UltraMem vs MoE: one change at a time, on a tuning split (CPU)" + (
+        " - QUICK smoke run, not evidence" if args.quick else "")  # fmt: skip
+    lines = header_lines(title, load_before, load_after, runners, results, wall)
+    lines += ["## Set-up", "", *setup_lines(base, {F: runner}),
+              f"- The facts are corpus seed {base.corpus.seed}'s, not the verdict's (seed 0): choices "
+              "made here are not tuned on the facts the verdict is measured on.",
+              f"- Seeds: {seeds} per variant. Every variant at the MoE's activated parameters "
+              f"(±{100 * configs.ACTIVE_TOL:.0f}%), FLOPs (±{100 * configs.FLOPS_TOL:.0f}%) and, but "
+              f"dense, total parameters (±{100 * DIAGNOSIS_TOTAL_TOL:.1f}%), asserted; m, H, K and E "
+              "re-solve n and the dense MLP F_d.", "",
+              "## Variants (analytic counts, asserted equal to each built model's before it trains)", "",
+              *[f"- `{v.name}`: {v.description}" for v in variants], "", *table, ""]  # fmt: skip
+    lines += ["## Results", "",
+              "| variant | seeds | recall trained forms | (per seed, %) | vs `ultramem` | verdict "
+              "| vs MoE | verdict | recall held-out Q | value nats | rows used | top-1% share "
+              "| tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    changes = {}
+    for v in variants:
+        p = rows[v.name]
+        vs_base = versus(v.name, "ultramem") if v.name != "ultramem" else None
+        vs_moe = versus(v.name, "moe") if v.name != "moe" and "moe" in rows else None
+        changes[v.name] = {"vs_ultramem": vs_base, "vs_moe": vs_moe}
+        usage = (f"{_pct(p['row_used_fraction'])} | {_pct(p['row_top1pct_share'])}"
+                 if "row_used_fraction" in p else "- | -")  # fmt: skip
+        lines.append(
+            f"| `{v.name}` | {p['seeds']} | {_pct(p[key])} | {_seeds(p[key])} "
+            + (f"| {100 * vs_base['diff']:+.1f} pts | {vs_base['verdict']} " if vs_base else "| - | - ")
+            + (f"| {100 * vs_moe['diff']:+.1f} pts | {vs_moe['verdict']} " if vs_moe else "| - | - ")
+            + f"| {_pct(p['recall_heldout_question'])} | {_num(p['value_nats'], 2)} | {usage} "
+            f"| {p['tokens_per_second']:,.0f} |"
+        )
+    long_cmp = {}
+    if long_rows:
+        lines += ["", f"### The exposures lever: {longer}x the tokens ({longer * base.tokens_per_run:,} "
+                  f"per run, {longer * exposures_read(runner.settings):.0f} exposures per fact)", "",
+                  "| variant | seeds | recall trained forms | (per seed, %) | at 1x | vs MoE at "
+                  f"{longer}x | verdict | value nats |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for n, p in long_rows.items():
+            c = verdict(p[key]["values"], long_rows["moe"][key]["values"]) if n != "moe" and "moe" in long_rows else None
+            long_cmp[n] = c
+            lines.append(
+                f"| `{n}` | {p['seeds']} | {_pct(p[key])} | {_seeds(p[key])} | {_pct(rows[n][key])} "
+                + (f"| {100 * c['diff']:+.1f} pts | {c['verdict']} " if c else "| - | - ")
+                + f"| {_num(p['value_nats'], 2)} |"
+            )
+    helped = [n for n, c in changes.items() if c["vs_ultramem"] and c["vs_ultramem"]["verdict"] == "win"]
+    hurt = [n for n, c in changes.items() if c["vs_ultramem"] and c["vs_ultramem"]["verdict"] == "loss"
+            and n not in ("moe", "dense")]  # fmt: skip
+    lines += ["", "## What changed the result", "",
+              f"- Beyond the seed spread above `ultramem`: {', '.join(f'`{n}`' for n in helped) or 'none'}.",
+              f"- Beyond the seed spread below it: {', '.join(f'`{n}`' for n in hurt) or 'none'}.",
+              "- Everything else: within the seed spread (no change measured at this many seeds).", "",
+              "## Per run", "", *per_run_lines(results, key=lambda r: "")]  # fmt: skip
+    md = os.path.join(args.out, f"{name}.md")
+    report.write_report(
+        md, lines, report.command_line(), runs_train_minutes=train_minutes(results),
+        facts=F, corpus_seed=base.corpus.seed, tokens_per_run=base.tokens_per_run,
+        variants=rows, comparisons=changes, helped=helped, hurt=hurt,
+        exposures_mult=longer, longer=long_rows, longer_vs_moe=long_cmp,
+    )  # fmt: skip
+    print(f"wrote {md} ({wall / 60:.1f} min)", flush=True)
+    return 0
