@@ -754,6 +754,8 @@ def diagnosis_variants(size: ModelSize) -> List[configs.Variant]:
               num_heads=1, topm=16),  # H = 4: its key tables alone exceed the activated budget
         sized("ultramem_k8", "K = 8 (half the key parameters; a larger dense MLP beside)", key_dim=8),
         configs.variant_by_name(size, "ultramem_no_ive"),
+        changed("ultramem_softmax", "softmax over each head's m scores (as PKM; the paper: raw "
+                "scores)", score_activation="softmax"),  # fmt: skip
         configs.variant_by_name(size, "moe"),
         configs.variant_by_name(size, "dense"),
     ]

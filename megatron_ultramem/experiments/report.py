@@ -62,17 +62,9 @@ def command_line() -> str:
     return " ".join(["python -m megatron_ultramem.experiments"] + out)
 
 
-def where(path: str) -> str:
-    """`path` relative to the current directory when it lies below it, else its last two parts
-    (a results file never names a folder of this machine)."""
-    rel = os.path.relpath(os.path.abspath(path))
-    if not rel.startswith(".."):
-        return rel
-    return os.path.join("...", *os.path.abspath(path).split(os.sep)[-2:])
-
-
 def header(title: str, command: str, load_before: str, load_after: str) -> List[str]:
-    """Markdown lines: title, date, machine (lscpu | head -20, nproc), versions, command, load."""
+    """Markdown lines: title, date, machine (lscpu | head -20, `nproc --all`: the cores, whatever
+    OMP_NUM_THREADS says), versions, command, load."""
     v = versions()
     mem_kib = _run("awk '/MemTotal/ {print $2}' /proc/meminfo")
     ram = f"{int(mem_kib) / 2**20:.0f} GiB" if mem_kib.isdigit() else "unknown"
@@ -81,7 +73,8 @@ def header(title: str, command: str, load_before: str, load_after: str) -> List[
         "",
         f"Date: `{_run('date')}`",
         "",
-        f"Machine: nproc = {_run('nproc')}, RAM {ram}, no GPU used (CPU run). `lscpu | head -20`:",
+        f"Machine: nproc --all = {_run('nproc --all')}, RAM {ram}, no GPU used (CPU run). "
+        "`lscpu | head -20`:",
         "",
         "```",
         _run("lscpu | head -20"),
@@ -113,7 +106,7 @@ def write_report(md_path: str, lines: List[str], command: str, **numbers) -> str
     blob = {
         "file": os.path.basename(md_path),
         "date": now() + " UTC",
-        "machine": f"{_run('nproc')} cores, {' '.join(lscpu.split(':', 1)[-1].split())}, no GPU",
+        "machine": f"{_run('nproc --all')} cores, {' '.join(lscpu.split(':', 1)[-1].split())}, no GPU",
         "versions": versions(),
         "command": command,
         **numbers,
