@@ -432,6 +432,7 @@ def plot_capacity(points: Dict[int, Dict[str, Dict]], names: Sequence[str], path
                 vals = points[F][name][key]["values"]
                 ax.scatter([F] * len(vals), [scale * v for v in vals], s=9, color=color, alpha=0.6)
         ax.set_xscale("log")
+        ax.minorticks_off()  # log-scale minor labels would print over the fact counts
         ax.set_xticks(facts)
         ax.set_xticklabels([str(F) for F in facts])
         ax.set_xlabel("facts F (same training tokens for every F)")
