@@ -5,6 +5,8 @@
     python -m megatron_ultramem.experiments scaling   [--quick] [--seeds 2] [--num-keys 20,40,79,112]
     python -m megatron_ultramem.experiments capacity  [--quick] [--seeds 2] [--headline-seeds 3] [--facts ...]
     python -m megatron_ultramem.experiments capacity-scaling [--quick] [--seeds 2] [--num-keys ...]
+    python -m megatron_ultramem.experiments capacity-diagnosis [--quick] [--seeds 2] (tuning split)
+    python -m megatron_ultramem.experiments capacity-levers [--quick] (tuning split)
     python -m megatron_ultramem.experiments decode    [--quick] [--out DIR]
     python -m megatron_ultramem.experiments configs   [--quick] [--build]
     python -m megatron_ultramem.experiments mainjob   [--compare]
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _capacity_flags(kd, corpus_seed=1)
     kd.add_argument("--exposures-mult", type=int, default=2,
                     help="also train UltraMem, MoE and dense on this many times the tokens (1: skip)")
+    kl = sub.add_parser("capacity-levers", help="which settings let a dense model learn facts (tuning split)")
+    _training_flags(kl, "seeds per lever (default 1)")
+    _capacity_flags(kl, corpus_seed=1)
     d = sub.add_parser("decode", help="one decode step of the MLP slot: latency, bytes read")
     d.add_argument("--quick", action="store_true", help="CI smoke size")
     d.add_argument("--out", default="benchmarks/results")
@@ -129,6 +134,10 @@ def main(argv=None) -> int:
         from . import capacity
 
         return capacity.diagnosis_main(args)
+    if args.command == "capacity-levers":
+        from . import capacity
+
+        return capacity.levers_main(args)
     if args.command == "mainjob":
         from . import mainjob
 

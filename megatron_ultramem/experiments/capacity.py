@@ -46,7 +46,7 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -881,5 +881,84 @@ def diagnosis_main(args) -> int:
         variants=rows, comparisons=changes, helped=helped, hurt=hurt,
         exposures_mult=longer, longer=long_rows, longer_vs_moe=long_cmp,
     )  # fmt: skip
+    print(f"wrote {md} ({wall / 60:.1f} min)", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- which levers make it fit
+LEVERS = (
+    ("base", "the sweep's settings at F=400 (2L/64d, lr 1e-2, 5 digits, 1.5M tokens)", {}),
+    ("lr 3e-3", "a third of the learning rate (min lr too)", {"lr": 3e-3, "min_lr": 3e-4}),
+    ("F=250", "fewer facts, same tokens: more exposures each", {"facts": 250}),
+    ("2x tokens", "twice the tokens: twice the exposures", {"iters": 2}),
+    ("F=800, 2x tokens", "twice the facts at the base's exposures per fact", {"facts": 800, "iters": 2}),
+    ("3 digits", "10 bits per fact instead of 16.6 (shorter statements)", {"digits": 3}),
+    ("4L/128d", "the general-text sweep's model (4x the FLOPs per token)", {"size": configs.ModelSize()}),
+)
+"""Dense runs on the tuning split, one thing changed each against `base` (`capacity-levers`)."""
+
+
+def lever_settings(base: Settings, change: Dict) -> Tuple[int, Settings]:
+    """(fact count, settings) of one lever."""
+    s = replace(base, train_iters=base.train_iters * change.get("iters", 1),
+                lr=change.get("lr", base.lr), min_lr=change.get("min_lr", base.min_lr),
+                size=change.get("size", base.size),
+                corpus=replace(base.corpus, value_digits=change.get("digits", base.corpus.value_digits)))  # fmt: skip
+    F = change.get("facts", HEADLINE_FACTS)
+    return F, settings_for(F, s)
+
+
+def levers_main(args) -> int:
+    """`capacity-levers`: which settings let a dense model learn facts in a CPU budget."""
+    if args.corpus_seed == 0:
+        _bad("--corpus-seed", "the levers must not use the verdict's facts (0): choose another seed")
+    if args.facts:
+        _bad("--facts", "capacity-levers sets each lever's fact count (LEVERS)")
+    base = base_from_args(args)
+    seeds = seeds_from_args(args, 1)
+    levers = LEVERS if not args.quick else tuple((l, d, {k: v for k, v in c.items() if k != "size"})
+                                                  for l, d, c in LEVERS[:3])  # fmt: skip
+    name = args.name or f"evidence_capacity_levers_cpu{'_quick' if args.quick else ''}"
+    os.makedirs(args.out, exist_ok=True)
+    load_before = report.uptime()
+    t_start = time.perf_counter()
+    rows, runners, results = [], [], []
+    for label, what, change in levers:
+        F, s = lever_settings(base, {**change, **({"facts": QUICK_FACTS[-1]} if args.quick and "facts" not in change else {})})
+        rn = make_runner(args, s, make_corpus=cc.make_corpus, measure=capacity_metrics)
+        runners.append(rn)
+        dense = configs.variant_by_name(s.size, "dense")
+        rs = [rn.get(dense, seed) for seed in range(seeds)]
+        results += rs
+        rows.append((label, what, F, s, summary(rs)))
+    wall = time.perf_counter() - t_start
+    load_after = report.uptime()
+    lines = header_lines("Which levers let a dense model learn facts in a CPU budget (tuning split)"
+                         + (" - QUICK smoke run, not evidence" if args.quick else ""),
+                         load_before, load_after, runners, results, wall)  # fmt: skip
+    lines += ["## Set-up", "", *setup_lines(base, {rows[0][2]: runners[0]})[:-1],
+              f"- Every lever is a dense model (the MoE's activated parameters at its size) on corpus "
+              f"seed {base.corpus.seed}'s facts (not the verdict's), {seeds} seed(s): a pilot, to "
+              "choose the sweep's settings, not a comparison between variants.", "",
+              "## Results", "",
+              "| lever | change | F | digits | model | tokens | exposures | recall trained forms "
+              "| digit acc | recall held-out Q | value nats (uniform) | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = []
+    for label, what, F, s, p in rows:
+        uniform = s.corpus.value_digits * math.log(10)
+        lines.append(
+            f"| {label} | {what} | {F} | {s.corpus.value_digits} | {s.size.num_layers}L/{s.size.hidden_size}d "
+            f"| {s.tokens_per_run:,} | {exposures_read(s):.0f} | {_pct(p['recall_trained_forms'])} "
+            f"| {_pct(p['digit_accuracy'])} | {_pct(p['recall_heldout_question'])} "
+            f"| {_num(p['value_nats'], 2)} ({uniform:.1f}) | {60 * p['train_minutes'] / p['seeds']:.0f} |"
+        )  # fmt: skip
+        out.append({"lever": label, "change": what, "facts": F, "digits": s.corpus.value_digits,
+                    "size": f"{s.size.num_layers}L/{s.size.hidden_size}d", "tokens": s.tokens_per_run,
+                    "exposures": exposures_read(s), **p})  # fmt: skip
+    lines += ["", "## Per run", "", *per_run_lines(results)]
+    md = os.path.join(args.out, f"{name}.md")
+    report.write_report(md, lines, report.command_line(), runs_train_minutes=train_minutes(results),
+                        corpus_seed=base.corpus.seed, levers=out)  # fmt: skip
     print(f"wrote {md} ({wall / 60:.1f} min)", flush=True)
     return 0
