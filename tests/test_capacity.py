@@ -214,6 +214,8 @@ def _run(args, cwd, timeout=600):  # a guard only: a loaded 2-core machine needs
     (["capacity-scaling", "--num-keys", "14,900"], "--num-keys"),
     (["capacity-diagnosis", "--corpus-seed", "0"], "--corpus-seed"),
     (["capacity-diagnosis", "--exposures-mult", "0"], "--exposures-mult"),
+    (["capacity-levers", "--corpus-seed", "0"], "--corpus-seed"),
+    (["capacity-levers", "--facts", "100"], "--facts"),
 ])  # fmt: skip
 def test_bad_flags_fail_with_one_line_and_exit_2_before_any_work(tmp_path, capsys, args, flag):
     from megatron_ultramem.experiments.__main__ import main
@@ -225,19 +227,21 @@ def test_bad_flags_fail_with_one_line_and_exit_2_before_any_work(tmp_path, capsy
     assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()
 
 
-def test_quick_capacity_scaling_diagnosis_write_their_files_and_share_runs(tmp_path):
-    """The three commands (--quick) on one run cache, as the README runs them: capacity-scaling
-    loads the sweep's UltraMem runs at its fact count; each writes its .md (command, machine,
-    load), its plot and the JSON the README rows are built from."""
+def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_runs(tmp_path):
+    """The four commands (--quick, one seed but two at the headline point) on one run cache, as the
+    README runs them: capacity-scaling loads the sweep's UltraMem run at its fact count; each
+    writes its .md (command, machine, load), its plot and the JSON the README rows are built from."""
     from megatron_ultramem.experiments import readme
 
     work, out = str(tmp_path / "w"), tmp_path
-    proc = _run(["capacity", "--quick", "--out", str(out), "--work", work], tmp_path)
+    proc = _run(["capacity", "--quick", "--seeds", "1", "--headline-seeds", "2", "--out", str(out),
+                 "--work", work], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "evidence_capacity_cpu_quick.md").read_text()
     assert "--work W" in md and work not in md and "load average" in md and "lscpu" in md
     for name in ("ultramem", "moe", "pkm", "dense"):
-        assert f"| {name} | 2 |" in md
+        assert f"| {capacity.QUICK_FACTS[0]} | 2 | {name} | 1 |" in md
+        assert f"| {capacity.QUICK_FACTS[-1]} | 1 | {name} | 2 |" in md
     assert (out / "evidence_capacity_cpu_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     blob = json.loads((out / "evidence_capacity_cpu_quick.json").read_text())
     assert blob["facts"] == list(capacity.QUICK_FACTS) and blob["corpus_seed"] == 0
@@ -247,12 +251,13 @@ def test_quick_capacity_scaling_diagnosis_write_their_files_and_share_runs(tmp_p
     c = blob["comparisons"][str(capacity.QUICK_FACTS[-1])]["moe"]["recall_trained_forms"]
     assert c["diff"] == pytest.approx(p["ultramem"]["recall_trained_forms"]["mean"] - p["moe"]["recall_trained_forms"]["mean"])
 
-    proc = _run(["capacity-scaling", "--quick", "--out", str(out), "--work", work], tmp_path)
+    proc = _run(["capacity-scaling", "--quick", "--seeds", "1", "--out", str(out), "--work", work], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ultramem seed") == 2 and "ultramem seed 0: loaded" in proc.stdout
+    assert proc.stdout.count("ultramem seed") == 1 and "ultramem seed 0: loaded" in proc.stdout
     sc = json.loads((out / "evidence_capacity_scaling_cpu_quick.json").read_text())
     assert [q["n"] for q in sc["points"]] == list(capacity.QUICK_NUM_KEYS)
-    assert all(q["N"] == q["n"] ** 2 and q["seeds"] == 2 for q in sc["points"])
+    assert all(q["N"] == q["n"] ** 2 and q["seeds"] == 1 for q in sc["points"])
+    assert sc["fits"]["recall_trained_forms"]["points"] == len(capacity.QUICK_NUM_KEYS)
     assert set(sc["references"]) == {"moe", "dense"} and "per doubling" in (out / "evidence_capacity_scaling_cpu_quick.md").read_text()
 
     proc = _run(["capacity-diagnosis", "--quick", "--seeds", "1", "--out", str(out), "--work", work], tmp_path)
@@ -261,10 +266,16 @@ def test_quick_capacity_scaling_diagnosis_write_their_files_and_share_runs(tmp_p
     assert dg["corpus_seed"] == 1 and set(dg["variants"]) == set(capacity.QUICK_DIAGNOSIS)
     assert set(dg["longer"]) == {"ultramem", "moe"}  # dense is not in the quick list
 
+    proc = _run(["capacity-levers", "--quick", "--out", str(out), "--work", work], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lv = json.loads((out / "evidence_capacity_levers_cpu_quick.json").read_text())
+    assert [x["lever"] for x in lv["levers"]] == [label for label, _, _ in capacity.LEVERS[:3]]
+    assert lv["corpus_seed"] == 1 and all(x["seeds"] == 1 for x in lv["levers"])
+
     results = tmp_path / "results"
     results.mkdir()
-    for name in ("capacity", "capacity_scaling", "capacity_diagnosis"):
+    for name in ("capacity", "capacity_scaling", "capacity_diagnosis", "capacity_levers"):
         (results / f"evidence_{name}_cpu.json").write_text((out / f"evidence_{name}_cpu_quick.json").read_text())
     rows = "\n".join(readme.table(str(results)))
     assert "can the experiment see capacity?" in rows and "per doubling of N" in rows
-    assert "one change at a time" in rows and "--work W" in rows
+    assert "one change at a time" in rows and "--work W" in rows and "which levers" in rows

@@ -202,6 +202,13 @@ def capacity_diagnosis_row(r: Dict) -> List[str]:
     return ["why UltraMem vs MoE on recall: one change at a time", text]
 
 
+def capacity_levers_row(r: Dict) -> List[str]:
+    parts = [f"{x['lever']} ({x['facts']} facts, {x['exposures']:.0f} exposures): "
+             f"{_pm(x['recall_trained_forms'])}" for x in r["levers"]]  # fmt: skip
+    return [f"which levers let a dense model learn facts in a CPU budget (tuning split, corpus seed "
+            f"{r['corpus_seed']}; recall in trained forms)", "; ".join(parts)]  # fmt: skip
+
+
 
 def decode_row(r: Dict) -> List[str]:
     dec = ", ".join(f"B={b}: {t['ratio']:.2f}x" for b, t in r["decode"].items())
@@ -216,6 +223,7 @@ def decode_row(r: Dict) -> List[str]:
 ROWS = (
     ("main_job_cpu.json", main_job_row),
     ("compare_cpu.json", compare_row),
+    ("evidence_capacity_levers_cpu.json", capacity_levers_row),
     ("evidence_capacity_cpu.json", capacity_learnable_row),
     ("evidence_capacity_cpu.json", capacity_row),
     ("evidence_capacity_cpu.json", capacity_heldout_row),
