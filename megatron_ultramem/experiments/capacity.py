@@ -394,12 +394,15 @@ def setup_lines(base: Settings, runners: Dict[int, Runner]) -> List[str]:
     return lines
 
 
-def matched_lines(size: ModelSize, names: Sequence[str]) -> List[str]:
-    variants, counts, table = configs.describe(size)  # asserts the matching
-    by = {v.name: v for v in variants}
+def matched_lines(size: ModelSize, variants: Sequence[configs.Variant]) -> List[str]:
+    """The variants' descriptions and counts; asserts the sweep's matching (configs.check_matched)."""
+    moe = configs.variant_by_name(size, "moe")
+    counts = {v.name: configs.analytic_counts(v, size) for v in [moe] + [v for v in variants if v.name != "moe"]}
+    table = configs.check_matched(counts)
+    names = [v.name for v in variants]
     lines = ["## Matched configurations (analytic counts, asserted equal to each built model's "
              "before it trains)", ""]  # fmt: skip
-    lines += [f"- `{n}`: {by[n].description}" for n in names if n in by]
+    lines += [f"- `{v.name}`: {v.description}" for v in variants]
     lines += [""] + [row for row in table if row.split("|")[1].strip() in ("variant", "---", *names)]
     lines += ["", f"Tolerances asserted vs MoE: total ±{100 * configs.TOTAL_TOL:.0f}% (not dense), "
               f"activated ±{100 * configs.ACTIVE_TOL:.0f}%, FLOPs ±{100 * configs.FLOPS_TOL:.0f}%.", ""]  # fmt: skip
@@ -447,11 +450,17 @@ def plot_capacity(points: Dict[int, Dict[str, Dict]], names: Sequence[str], path
 
 # ---------------------------------------------------------------------- capacity
 def _variants(size: ModelSize, text: Optional[str]) -> List[configs.Variant]:
-    names = text.split(",") if text else list(VARIANTS)
-    try:
-        return [configs.variant_by_name(size, n.strip()) for n in names]
-    except KeyError as err:
-        _bad("--variants", err.args[0])
+    """--variants: configs' names or `ultramem_tuned`."""
+    out = []
+    for name in (n.strip() for n in text.split(",")) if text else VARIANTS:
+        if name == "ultramem_tuned":
+            out.append(tuned_variant(size))
+            continue
+        try:
+            out.append(configs.variant_by_name(size, name))
+        except KeyError as err:
+            _bad("--variants", err.args[0] + " or 'ultramem_tuned'")
+    return out
 
 
 def main(args) -> int:
@@ -463,6 +472,7 @@ def main(args) -> int:
     seeds = seeds_from_args(args, 2)
     headline_seeds = max(seeds, args.headline_seeds if args.headline_seeds is not None else (seeds if args.quick else 3))
     variants = _variants(base.size, args.variants)
+    matched_lines(base.size, variants)  # asserts the matching before any run
     names = [v.name for v in variants]
     suffix = ("_quick" if args.quick else "") + ("" if not args.corpus_seed else f"_tuning{args.corpus_seed}")
     name = args.name or f"evidence_capacity_cpu{suffix}"
@@ -495,15 +505,8 @@ def main(args) -> int:
         points[b]["dense"]["recall_trained_forms"]["mean"] <= points[a]["dense"]["recall_trained_forms"]["mean"]
         for a, b in zip(dense, dense[1:])
     )  # fmt: skip
-    comparisons = {}
-    for F in facts:
-        p = points[F]
-        for other in ("moe", "pkm", "dense"):
-            if "ultramem" in p and other in p:
-                comparisons.setdefault(F, {})[other] = {
-                    key: verdict(p["ultramem"][key]["values"], p[other][key]["values"], key.startswith("recall"))
-                    for key in ("recall_trained_forms", "recall_heldout_question", "value_nats")
-                }  # fmt: skip
+    comparisons = compare_points(points, "ultramem", ("moe", "pkm", "dense"))
+    tuned = compare_points(points, "ultramem_tuned", ("moe", "ultramem", "dense"))
 
     png = os.path.join(args.out, f"{name}.png")
     plot_capacity(points, names, png, f"{base.size.num_layers}L/{base.size.hidden_size}d GPT, "
@@ -514,9 +517,12 @@ def main(args) -> int:
     lines = header_lines(title, load_before, load_after, list(runners.values()), results, wall)
     lines += ["## Set-up", "", *setup_lines(base, runners),
               f"- Seeds: {seeds} per point, {headline_seeds} at F={headline} (the headline point).", ""]  # fmt: skip
-    lines += matched_lines(base.size, names)
+    lines += matched_lines(base.size, variants)
     lines += results_lines(points, names, facts, exposures={F: exposures_read(rn.settings) for F, rn in runners.items()})
     lines += verdict_lines(points, comparisons, facts, bound, ref, falls)
+    if tuned:
+        lines += comparison_lines(tuned, facts, bound, "ultramem_tuned", "UltraMem with the tuning "
+                                  "split's choices (`ultramem_tuned`, chosen on corpus seed 1's facts)")  # fmt: skip
     lines += [f"Plot: `{os.path.basename(png)}`.", "", "## Per run", "",
               *per_run_lines(results, key=lambda r: f"F={r['_F']}")]  # fmt: skip
     md = os.path.join(args.out, f"{name}.md")
@@ -528,6 +534,7 @@ def main(args) -> int:
         headline_facts=headline, capacity_bound=bound, dense_recall_falls=falls,
         points={str(F): p for F, p in points.items()},
         comparisons={str(F): c for F, c in comparisons.items()},
+        tuned_comparisons={str(F): c for F, c in tuned.items()},
     )  # fmt: skip
     print(f"wrote {md} and {png} ({wall / 60:.1f} min)", flush=True)
     return 0
@@ -567,11 +574,28 @@ def verdict_lines(points, comparisons, facts, bound, ref, falls) -> List[str]:
             f"Capacity-bound points (dense below {100 * BOUND:.0f}% of its F={facts[0]} recall): "
             f"{', '.join(str(F) for F in bound) or 'none'}."
         )  # fmt: skip
-    lines += ["", "UltraMem against each other variant (win/loss: every seed of one beyond every seed "
-              "of the other; tie: the seed spreads overlap; Welch t with >= 2 seeds a side):", "",
-              "| F | capacity-bound | vs | recall trained forms: UltraMem - other | verdict | Welch t "
-              "| recall held-out Q: diff | verdict | value nats: diff | verdict |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    return lines + [""] + comparison_lines(comparisons, facts, bound, "ultramem", "UltraMem")
+
+
+def compare_points(points, subject: str, others: Sequence[str]) -> Dict[int, Dict[str, Dict]]:
+    """{F: {other: {metric: verdict(subject, other)}}} where both were run."""
+    out = {}
+    for F, p in points.items():
+        for other in others:
+            if subject in p and other in p:
+                out.setdefault(F, {})[other] = {
+                    key: verdict(p[subject][key]["values"], p[other][key]["values"], key.startswith("recall"))
+                    for key in ("recall_trained_forms", "recall_heldout_question", "value_nats")
+                }  # fmt: skip
+    return out
+
+
+def comparison_lines(comparisons, facts, bound, subject: str, label: str) -> List[str]:
+    lines = [f"{label} against each other variant (win/loss: every seed of one beyond every seed "
+             "of the other; tie: the seed spreads overlap; Welch t with >= 2 seeds a side):", "",
+             f"| F | capacity-bound | vs | recall trained forms: `{subject}` - other | verdict | Welch t "
+             "| recall held-out Q: diff | verdict | value nats: diff | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for F in facts:
         for other, c in comparisons.get(F, {}).items():
             rt, hq, vn = c["recall_trained_forms"], c["recall_heldout_question"], c["value_nats"]
@@ -744,12 +768,15 @@ def diagnosis_variants(size: ModelSize) -> List[configs.Variant]:
         base,
         changed("ultramem_rho1", "value LR x1 (rho0 = 1: no boost)", value_lr_mult=1.0),
         changed("ultramem_rho16", "value LR x16 decaying linearly to x1", value_lr_mult=16.0),
-        changed("ultramem_rho4_const", "value LR x4 constant (no decay)",
-                config_overrides=(("ultramem_value_lr_decay_rate", 1e9),)),  # fmt: skip
+        changed("ultramem_rho4_const", "value LR x4 constant (no decay)", config_overrides=CONSTANT),
+        changed("ultramem_rho8_const", "value LR x8 constant", value_lr_mult=8.0, config_overrides=CONSTANT),
+        changed("ultramem_rho16_const", "value LR x16 constant", value_lr_mult=16.0,
+                config_overrides=CONSTANT),  # fmt: skip
         changed("ultramem_init_reference", "the reference code's init (values std 0.02, ...)",
                 config_overrides=(("ultramem_init", "reference"),)),  # fmt: skip
         sized("ultramem_m4", "m = 4", topm=4),
-        sized("ultramem_m12", "m = 12", topm=12),  # m = 16: +3.7% FLOPs (the m^2 r rescoring)
+        sized("ultramem_m12", "m = 12", topm=12),
+        sized("ultramem_m16", "m = 16 (FLOPs +3.7% of the MoE's: the m^2 r rescoring)", topm=16),
         sized("ultramem_h1", "H = 1", num_heads=1),
         sized("ultramem_h1_m16", "H = 1, m = 16 (as many rows per token as H = 2, m = 8)",
               num_heads=1, topm=16),  # H = 4: its key tables alone exceed the activated budget
@@ -757,13 +784,29 @@ def diagnosis_variants(size: ModelSize) -> List[configs.Variant]:
         configs.variant_by_name(size, "ultramem_no_ive"),
         changed("ultramem_softmax", "softmax over each head's m scores (as PKM; the paper: raw "
                 "scores)", score_activation="softmax"),  # fmt: skip
+        tuned_variant(size),
         configs.variant_by_name(size, "moe"),
         configs.variant_by_name(size, "dense"),
     ]
 
 
+CONSTANT = (("ultramem_value_lr_decay_rate", 1e9),)
+"""A value-LR multiplier that never decays (it would reach 1x at step 1e9 * train_iters)."""
+
+
+def tuned_variant(size: ModelSize) -> configs.Variant:
+    """`ultramem_tuned`: the changes that raised recall on the tuning split, together (see
+    evidence_capacity_diagnosis_cpu.md): a constant x4 value LR, the reference init, m = 12."""
+    v = configs.variant_by_name(replace(size, topm=12), "ultramem")
+    return replace(v, name="ultramem_tuned", config_overrides=CONSTANT + (("ultramem_init", "reference"),),
+                   description="UltraMem with the tuning split's choices: value LR x4 constant, the "
+                   f"reference init, m = 12: {configs._describe_memory(v.ultramem)}")  # fmt: skip
+
+
 DIAGNOSIS_TOTAL_TOL = 0.015
 """Total parameters vs the MoE for the diagnosis' variants (m = 4 and H = 1 land at -1.06%)."""
+DIAGNOSIS_FLOPS_TOL = 0.04
+"""FLOPs per token vs the MoE for the diagnosis' variants (m = 16: +3.7%)."""
 QUICK_DIAGNOSIS = ("ultramem", "ultramem_rho1", "ultramem_m4", "moe")
 
 
@@ -786,7 +829,7 @@ def diagnosis_main(args) -> int:
     counts = {v.name: configs.analytic_counts(v, size) for v in variants}
     # every variant at the MoE's counts; n is an integer, so a changed m or H can miss the total by
     # a little more than the sweep's 1%
-    table = configs.check_matched(counts, total_tol=DIAGNOSIS_TOTAL_TOL)
+    table = configs.check_matched(counts, total_tol=DIAGNOSIS_TOTAL_TOL, flops_tol=DIAGNOSIS_FLOPS_TOL)
     longer = args.exposures_mult
     name = args.name or f"evidence_capacity_diagnosis_cpu{'_quick' if args.quick else ''}"
     os.makedirs(args.out, exist_ok=True)
@@ -828,7 +871,7 @@ def diagnosis_main(args) -> int:
               f"- The facts are corpus seed {base.corpus.seed}'s, not the verdict's (seed 0): choices "
               "made here are not tuned on the facts the verdict is measured on.",
               f"- Seeds: {seeds} per variant. Every variant at the MoE's activated parameters "
-              f"(±{100 * configs.ACTIVE_TOL:.0f}%), FLOPs (±{100 * configs.FLOPS_TOL:.0f}%) and, but "
+              f"(±{100 * configs.ACTIVE_TOL:.0f}%), FLOPs (±{100 * DIAGNOSIS_FLOPS_TOL:.0f}%) and, but "
               f"dense, total parameters (±{100 * DIAGNOSIS_TOTAL_TOL:.1f}%), asserted; m, H, K and E "
               "re-solve n and the dense MLP F_d.", "",
               "## Variants (analytic counts, asserted equal to each built model's before it trains)", "",
