@@ -41,7 +41,8 @@ Patches (target: reason):
     megatron-core 0.17+, or a Megatron-LM checkout on sys.path): validate_args asks the GPU's
     compute capability with tensor parallelism; report 9 (Hopper), whose rules (e.g.
     CUDA_DEVICE_MAX_CONNECTIONS=1 for TP communication overlap) are the conservative ones.
-10. megatron.training's pretrain() loop (where megatron.training is importable): (a)
+10. megatron.training's pretrain() loop (`enable(training_loop=True)`, where megatron.training is
+    importable): (a)
     `training.initialize_megatron` gets `allow_no_cuda=True` (it asserts CUDA otherwise);
     (b) `initialize._initialize_distributed` first creates the default process group itself
     (--distributed-backend, gloo on CPU) when none exists, since Megatron's own call would bind it
@@ -259,8 +260,11 @@ def _local_norm(config, hidden_size: int, eps: float = 1e-5, **kwargs):
     return LNImpl(config=config, hidden_size=hidden_size, eps=eps)
 
 
-def enable() -> bool:
-    """Apply the patches when CUDA is absent. Returns True when the CPU layer is active."""
+def enable(training_loop: bool = False) -> bool:
+    """Apply the patches when CUDA is absent. Returns True when the CPU layer is active.
+
+    training_loop=True also applies patch 10 (megatron.training's pretrain() loop; imports
+    megatron.training.training, which model-level code does not need)."""
     if torch.cuda.is_available():
         return False
     from megatron.core.fusions import fused_softmax
@@ -304,7 +308,7 @@ def enable() -> bool:
     if training_arguments is not None and hasattr(training_arguments, "get_device_arch_version"):
         _patch(training_arguments, "get_device_arch_version", lambda: 9)
     # 10
-    if training_arguments is not None:
+    if training_loop and training_arguments is not None:
         _patch_training_loop()
     return True
 

@@ -280,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     from . import cpu_compat
 
-    cpu_compat.enable()  # no-op with CUDA; on a CPU-only machine (tests, smoke runs): gloo + CPU
+    cpu_compat.enable(training_loop=True)  # no-op with CUDA; CPU-only machines: gloo + CPU
     install_megatron_lm_hooks()  # value LR group + scheduler, Tucker refresh, metrics, validation
     use_prebuilt_dataset_helpers()
     try:

@@ -53,7 +53,8 @@ def test_training_loop_patch_and_its_reversal(megatron_world):
     from megatron.core import rerun_state_machine
     from megatron.training import initialize
 
-    assert cpu_compat.enable() is True
+    assert not hasattr(training.initialize_megatron, "keywords")  # model-level enable(): untouched
+    assert cpu_compat.enable(training_loop=True) is True
     assert training.initialize_megatron.keywords == {"allow_no_cuda": True}
     flags = training.torch.tensor([1, 0], dtype=torch.long, device="cuda")  # as training.py does
     assert flags.device.type == "cpu" and flags.tolist() == [1, 0]
