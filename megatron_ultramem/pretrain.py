@@ -23,7 +23,9 @@ It does what Megatron-LM's `pretrain_gpt.py` / `pretrain_hybrid.py` do for plain
 Not covered (use Megatron-LM's scripts for them): SFT / packed sequences, FIM data, context
 parallelism, ModelOpt, knowledge distillation.
 
-`pretrain()` itself needs CUDA; every piece it calls is tested on CPU (tests/test_pretrain.py).
+On a machine without CUDA the entry enables `cpu_compat` (gloo, CPU tensors; pretrain()'s own CUDA
+calls included): tests/megatron_lm/test_pretrain_loop.py runs the whole loop that way, with a
+checkpoint, a resume and two "nodes"; tests/megatron_lm/test_pretrain.py tests its pieces.
 """
 
 import sys
@@ -242,6 +244,32 @@ def forward_step(data_iterator, model):
 
 
 # ---------------------------------------------------------------------- the job
+def use_prebuilt_dataset_helpers() -> bool:
+    """Make `megatron.core.datasets.utils.compile_helpers` a no-op when the compiled
+    `helpers_cpp` extension imports; returns True when it does.
+
+    pretrain() (initialize_megatron's `_compile_dependencies`) runs `make` in megatron/core/datasets
+    on rank 0, which a Megatron-LM checkout supports; an installed megatron-core package ships the
+    extension prebuilt and no Makefile, so `make` fails and rank 0 exits. Idempotent; the original
+    stays as `__wrapped__`.
+    """
+    from megatron.core.datasets import utils as dataset_utils
+
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return False
+    original = dataset_utils.compile_helpers
+    if getattr(original, "__wrapped__", None) is None:
+
+        def compile_helpers():
+            """helpers_cpp is prebuilt (see megatron_ultramem.pretrain.use_prebuilt_dataset_helpers)."""
+
+        compile_helpers.__wrapped__ = original
+        dataset_utils.compile_helpers = compile_helpers
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     require_megatron_training()
     from megatron.core.enums import ModelType
@@ -250,8 +278,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     from .megatron_lm.hooks import install_megatron_lm_hooks
 
+    from . import cpu_compat
+
+    cpu_compat.enable(training_loop=True)  # no-op with CUDA; CPU-only machines: gloo + CPU
     install_megatron_lm_hooks()  # value LR group + scheduler, Tucker refresh, metrics, validation
-    args = parse_args(argv)
+    use_prebuilt_dataset_helpers()
+    try:
+        args = parse_args(argv)
+    except ValueError as err:  # a refused flag or value: one line naming it, before any work
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     full_config = pretrain_cfg_container_from_args(args, model_config_from_args(args))
     pretrain(full_config, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
 

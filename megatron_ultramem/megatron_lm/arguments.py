@@ -17,8 +17,9 @@ import functools
 import importlib.util
 import inspect
 import re
-import warnings
 from typing import Callable, Dict, List, Optional
+
+from ..warn import warn_user
 
 SPEC_MODULE = "megatron_ultramem.megatron_lm"
 SPEC_NAME = "ultramem_block_spec"
@@ -270,7 +271,7 @@ def validate_ultramem_args(args) -> None:
     if not ultramem_spec_in_use(args):
         changed = _changed_flags(args)
         if changed:
-            warnings.warn(
+            warn_user(
                 f"{', '.join(changed)} given but --spec does not select the UltraMem spec, so they "
                 f"have no effect: add {SPEC_FLAG}"
             )
@@ -291,9 +292,16 @@ def validate_ultramem_args(args) -> None:
     impl = getattr(args, "transformer_impl", "transformer_engine")
     if impl not in ("transformer_engine", "local"):
         raise ValueError(
-            f"--transformer-impl {impl} is not supported with {SPEC_FLAG}; allowed: "
+            f"--transformer-impl {impl} is not supported with --spec {' '.join(spec)}; allowed: "
             "transformer_engine, local"
+            + (
+                " (with inference_optimized Megatron's model builders use their own inference "
+                "layer spec and drop --spec: the model would have no memory layers)"
+                if impl == "inference_optimized"
+                else ""
+            )
         )
+    _refuse_switches_that_break_memories(args, spec)
     if impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
         raise ValueError(
             "--transformer-impl transformer_engine (Megatron-LM's default) but transformer_engine "
@@ -332,6 +340,56 @@ def validate_ultramem_args(args) -> None:
                 "--ultramem-mode replace (the memory replaces those MoE blocks), other layers in "
                 f"{where}, or no --num-experts (dense MLPs everywhere)"
             )
+
+
+MUON_OPTIMIZERS = ("muon", "dist_muon", "adaptive_muon")
+"""--optimizer values that orthogonalize 2-D parameters unless tagged `use_muon = False`."""
+ELEMENTWISE_OPTIMIZERS = ("adam", "sgd", "lion")
+"""--optimizer values that update each element on its own (a sparse table's rows stay independent)."""
+
+
+def _refuse_switches_that_break_memories(args, spec) -> None:
+    """Megatron-LM switches under which a memory layer would build and train, but wrongly, without
+    an error: refused before any work, naming the flag and what is allowed."""
+    spec_flag = f"--spec {' '.join(spec)}"
+    if getattr(args, "inference_fuse_tp_communication", False):
+        raise ValueError(
+            f"--inference-fuse-tp-communication cannot be combined with {spec_flag}: the fused "
+            "layer hands the residual to mlp.linear_fc2 and skips the MLP's bias-dropout-add, which "
+            "a memory layer in the MLP slot does not take; allowed: leave it off"
+        )
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    etp = getattr(args, "expert_tensor_parallel_size", None) or tp
+    for flag, name, size, size_flag in (
+        ("--tensor-parallel-num-weight-shards", "tensor_parallel_num_weight_shards", tp,
+         "--tensor-model-parallel-size"),
+        ("--expert-tensor-parallel-num-weight-shards", "expert_tensor_parallel_num_weight_shards",
+         etp, "--expert-tensor-parallel-size"),
+    ):  # fmt: skip
+        shards = getattr(args, name, None)
+        if shards is not None and shards != size:
+            raise ValueError(
+                f"{flag} {shards} cannot be combined with {spec_flag}: generalized tensor "
+                "parallelism (weight rematerialization) would shard Megatron's linears, the "
+                "memory's output projection among them, over a weight-shard group the memory does "
+                "not know, while its value table stays column-sharded over tensor x expert "
+                f"parallelism only; allowed: leave it unset or equal to {size_flag} ({size})"
+            )
+    optimizer = getattr(args, "optimizer", "adam") or "adam"
+    from .. import compat
+
+    allowed = ELEMENTWISE_OPTIMIZERS + (MUON_OPTIMIZERS if compat.muon_honours_use_muon() else ())
+    if optimizer not in allowed:
+        why = (
+            f"megatron-core {compat.megatron_core_version()} does not honour the value table's "
+            "`use_muon = False` tag (0.20 does), so Muon would orthogonalize the table's updates"
+            if optimizer in MUON_OPTIMIZERS
+            else "it preconditions every 2-D parameter as a matrix, the value table included"
+        )
+        raise ValueError(
+            f"--optimizer {optimizer} cannot be combined with {spec_flag}: {why}; allowed: "
+            + ", ".join(allowed)
+        )
 
 
 def _validate_hybrid_args(args) -> None:
