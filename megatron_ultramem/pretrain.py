@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .cli import bad_input_exits
 from .megatron_lm.arguments import (
     HYBRID_SPEC_NAME,
     SPEC_MODULE,
@@ -49,14 +50,15 @@ def require_megatron_training():
         from megatron.training import argument_utils  # noqa: F401  (0.19's config builders)
         from megatron.training.arguments import parse_and_validate_args  # noqa: F401
     except ImportError as err:
+        from .cli import fail
         from .compat import megatron_core_version
 
-        raise SystemExit(
+        fail(
             "python -m megatron_ultramem.pretrain needs megatron.training from megatron-core "
             f">= 0.19 (installed: megatron-core {megatron_core_version()}: {err}). With 0.16, run "
             "Megatron-LM's pretrain_gpt.py through `python -m megatron_ultramem.megatron_lm."
             "pretrain_gpt --megatron-lm PATH ...` (docs/megatron_lm.md)"
-        ) from None
+        )
 
 
 # ---------------------------------------------------------------------- arguments
@@ -82,14 +84,15 @@ def parse_args(argv: Optional[Sequence[str]] = None, args_defaults: Optional[Dic
     argv = with_default_spec(sys.argv[1:] if argv is None else argv)
     saved = sys.argv
     sys.argv = [saved[0] if saved else "megatron_ultramem.pretrain", *argv]
-    try:
-        args = parse_and_validate_args(
-            extra_args_provider=add_ultramem_args,
-            args_defaults={"tokenizer_type": "GPT2BPETokenizer", **(args_defaults or {})},
-        )
+    try:  # bad flags: one line naming them, exit status 2 (cli.bad_input_exits)
+        with bad_input_exits("python -m megatron_ultramem.pretrain"):
+            args = parse_and_validate_args(
+                extra_args_provider=add_ultramem_args,
+                args_defaults={"tokenizer_type": "GPT2BPETokenizer", **(args_defaults or {})},
+            )
+            validate_ultramem_args(args)  # also when the hooks' validate_args wrapper is absent
     finally:
         sys.argv = saved
-    validate_ultramem_args(args)  # also when the hooks' validate_args wrapper is not installed
     return args
 
 
