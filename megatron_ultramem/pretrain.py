@@ -84,14 +84,25 @@ def parse_args(argv: Optional[Sequence[str]] = None, args_defaults: Optional[Dic
     argv = with_default_spec(sys.argv[1:] if argv is None else argv)
     saved = sys.argv
     sys.argv = [saved[0] if saved else "megatron_ultramem.pretrain", *argv]
+    from megatron.training import arguments as mlm_arguments
+
+    megatron_validate = mlm_arguments.validate_args
+
+    def validate_args(args, defaults={}):  # the plugin's checks before any global state is set
+        result = megatron_validate(args, defaults)
+        validate_ultramem_args(args)
+        return result
+
+    mlm_arguments.validate_args = validate_args  # looked up at call time by parse_and_validate_args
     try:  # bad flags: one line naming them, exit status 2 (cli.bad_input_exits)
         with bad_input_exits("python -m megatron_ultramem.pretrain"):
             args = parse_and_validate_args(
                 extra_args_provider=add_ultramem_args,
                 args_defaults={"tokenizer_type": "GPT2BPETokenizer", **(args_defaults or {})},
             )
-            validate_ultramem_args(args)  # also when the hooks' validate_args wrapper is absent
+            validate_ultramem_args(args)  # --yaml-cfg validates without validate_args
     finally:
+        mlm_arguments.validate_args = megatron_validate
         sys.argv = saved
     return args
 

@@ -187,6 +187,17 @@ def validate_args(args) -> None:
         fail(f"--min-lr {args.min_lr} must be <= --lr {args.lr}")
     if args.warmup_iters is not None and args.warmup_iters >= args.train_iters:
         fail(f"--warmup-iters must be in [0, --train-iters) = [0, {args.train_iters}), got {args.warmup_iters}")
+    if args.ultramem_mode == "skip" and args.ultramem_layers != ULTRAMEM_DEFAULTS["ultramem_layers"]:
+        fail(
+            f"--ultramem-layers {args.ultramem_layers} has no effect with --ultramem-mode skip, "
+            "whose memories come from --ultramem-skip-units: drop it, or use --ultramem-mode "
+            "parallel/replace"
+        )
+    if args.ultramem_mode != "skip" and args.ultramem_skip_units != ULTRAMEM_DEFAULTS["ultramem_skip_units"]:
+        fail(
+            f"--ultramem-skip-units {args.ultramem_skip_units} has no effect with --ultramem-mode "
+            f"{args.ultramem_mode}: allowed only with --ultramem-mode skip"
+        )
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     if world % tp or world % ep:
         fail(
