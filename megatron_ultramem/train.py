@@ -744,7 +744,8 @@ def train(args, build=None) -> Dict:
             f"done: {args.train_iters} steps in {wall:.1f}s"
             + (f" (resumed after {resumed_from})" if resumed_from else "")
             + (f", {metrics['tokens_per_second']:,.0f} tok/s" if trained else "")
-            + f"; {valid_text}; train loss, mean of {window} steps, {metrics['first_train_loss']:.3f} "
+            + f"; {valid_text}; train loss, mean of {window} step{'s' * (window > 1)}, "
+            f"{metrics['first_train_loss']:.3f} "
             f"(first) -> {metrics['final_train_loss']:.3f} (last); wrote {png} and metrics.json",
             flush=True,
         )

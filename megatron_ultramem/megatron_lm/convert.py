@@ -130,6 +130,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
+        build_parser().parse_known_args(argv)  # --help, or an option's own error, first
         raise BadInput(
             "put the MoE model's Megatron-LM arguments after '--', e.g. convert --mode replace -- "
             "--num-layers 32 --hidden-size 4096 --num-experts 8 ..."
