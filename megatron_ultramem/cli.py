@@ -122,6 +122,20 @@ def run_main(main, argv: Optional[Sequence[str]] = None) -> int:
         fail(str(err))
 
 
+def repair_help_strings(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Escape a bare '%' in help strings that argparse cannot format, so that `--help` works
+    (megatron-core 0.19.2's --moe-paged-stash-buffer-size-factor-cuda says "10%)", which makes
+    its whole --help fail)."""
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help:
+            try:
+                formatter._expand_help(action)
+            except (ValueError, TypeError, KeyError):
+                action.help = action.help.replace("%", "%%")
+    return parser
+
+
 @contextlib.contextmanager
 def bad_input_exits(prog: str) -> Iterator[None]:
     """Around a foreign parse-and-validate (Megatron's `parse_and_validate_args`): its argparse

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .cli import bad_input_exits
+from .cli import bad_input_exits, repair_help_strings
 from .megatron_lm.arguments import (
     HYBRID_SPEC_NAME,
     SPEC_MODULE,
@@ -97,7 +97,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, args_defaults: Optional[Dic
     try:  # bad flags: one line naming them, exit status 2 (cli.bad_input_exits)
         with bad_input_exits("python -m megatron_ultramem.pretrain"):
             args = parse_and_validate_args(
-                extra_args_provider=add_ultramem_args,
+                extra_args_provider=lambda parser: repair_help_strings(add_ultramem_args(parser)),
                 args_defaults={"tokenizer_type": "GPT2BPETokenizer", **(args_defaults or {})},
             )
             validate_ultramem_args(args)  # --yaml-cfg validates without validate_args

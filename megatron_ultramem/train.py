@@ -9,8 +9,15 @@ DistributedDataParallel, its forward-backward schedule (which scales the Tucker 
 the plugin's schedule hook), Megatron's optimizer with the value table in its own param group
 (fp32, or `--bf16` through Float16Module with fp32 main params; `--use-distributed-optimizer`),
 the value-LR scheduler, and the Tucker SVD refresh once per optimizer step. `--save/--load` write
-and resume Megatron dist_checkpointing checkpoints (checkpointing.py). `--data-path PREFIX` trains
-on a Megatron indexed dataset instead of the embedded corpus.
+and resume Megatron dist_checkpointing checkpoints (checkpointing.py: a SHA-256 manifest verified
+before loading, `--ckpt-step N` for an older iteration; a larger `--train-iters` extends the run and
+its LR schedule). `--data-path PREFIX` trains on a Megatron indexed dataset instead of the embedded
+corpus.
+
+The --ultramem-* flags are Megatron-LM's (megatron_lm/arguments.py, one definition) with the small
+model's defaults (ULTRAMEM_DEFAULTS). Every argument is checked before any work (validate_args): a
+bad one ends the program with one line naming it and the allowed values, exit status 2 (cli.py).
+`python -m megatron_ultramem` itself is __main__.py, which also dispatches `--compare`.
 """
 
 import argparse

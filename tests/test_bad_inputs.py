@@ -538,3 +538,18 @@ def test_bad_input(case, tmp_path, monkeypatch, request):
         _check(case, code, stderr, "subprocess")
         assert _snapshot(tmp_path) == before, "files were left behind"
     TIMES[case.entry] = TIMES.get(case.entry, 0.0) + time.perf_counter() - start
+
+
+def test_help_strings_that_argparse_cannot_format_are_repaired(capsys):
+    """A foreign parser's bare '%' (megatron-core 0.19.2 has one) would make --help fail."""
+    import argparse
+
+    from megatron_ultramem.cli import repair_help_strings
+
+    p = argparse.ArgumentParser(prog="x")
+    p.add_argument("--a", help="headroom (e.g. 1.10 = 10%).")
+    p.add_argument("--b", default=3, help="kept as is (default: %(default)s)")
+    with pytest.raises(ValueError):
+        p.format_help()
+    help_text = repair_help_strings(p).format_help()
+    assert "10%)" in help_text and "(default: 3)" in help_text

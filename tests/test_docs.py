@@ -272,5 +272,5 @@ def test_readme_bytes_claim_is_the_sizing_table():
     ratios = dict(re.findall(r"^\s+(\d+)\s+\S+ \S+\s+\S+ \S+\s+([\d.]+)$", example, re.M))
     assert ratios["1"] == "1.00"
     readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
-    assert f"Mixtral 8x7B: {ratios['8']}x fewer bytes per token at batch 8, {ratios['4096']}x at 4096" in readme
+    assert f"Mixtral 8x7B reads {ratios['8']}x fewer bytes per token at batch 8 and {ratios['4096']}x at 4096" in readme
     assert "as many bytes as the MoE's activated experts" in readme

@@ -49,7 +49,8 @@ def _source(blob: Dict) -> str:
 def main_job_row(r: Dict) -> List[str]:
     if "train_loss_window" in r:  # like with like: means over equal windows, validation before/after
         losses = (
-            f"train loss (mean of {r['train_loss_window']} steps) {r['first_train_loss']:.3f} -> "
+            f"train loss (mean of {r['train_loss_window']} step{'s' * (r['train_loss_window'] > 1)}) "
+            f"{r['first_train_loss']:.3f} -> "
             f"{r['final_train_loss']:.3f}, validation {r['initial_valid_loss']:.3f} (untrained) -> "
             f"{r['final_valid_loss']:.3f}"
         )
