@@ -754,10 +754,6 @@ class Option:
     choose: List[str]
 
 
-def _shard_compatible(Dv: int, h: int, shards: int) -> bool:
-    return Dv % shards == 0 and (shards % h == 0 or h % shards == 0)
-
-
 def _pick_cores_and_dv(D: int, knobs: Dict, shards: int, with_ep: bool, notes: List[str]) -> Tuple[int, int]:
     """h and Dv that the TP (x EP) column sharding accepts; refuses given ones that do not."""
     h = knobs.get("num_cores")
