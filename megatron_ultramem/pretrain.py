@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .cli import bad_input_exits, repair_help_strings
 from .megatron_lm.arguments import (
     HYBRID_SPEC_NAME,
     SPEC_MODULE,
@@ -51,14 +52,15 @@ def require_megatron_training():
         from megatron.training import argument_utils  # noqa: F401  (0.19's config builders)
         from megatron.training.arguments import parse_and_validate_args  # noqa: F401
     except ImportError as err:
+        from .cli import fail
         from .compat import megatron_core_version
 
-        raise SystemExit(
+        fail(
             "python -m megatron_ultramem.pretrain needs megatron.training from megatron-core "
             f">= 0.19 (installed: megatron-core {megatron_core_version()}: {err}). With 0.16, run "
             "Megatron-LM's pretrain_gpt.py through `python -m megatron_ultramem.megatron_lm."
             "pretrain_gpt --megatron-lm PATH ...` (docs/megatron_lm.md)"
-        ) from None
+        )
 
 
 # ---------------------------------------------------------------------- arguments
@@ -84,14 +86,26 @@ def parse_args(argv: Optional[Sequence[str]] = None, args_defaults: Optional[Dic
     argv = with_default_spec(sys.argv[1:] if argv is None else argv)
     saved = sys.argv
     sys.argv = [saved[0] if saved else "megatron_ultramem.pretrain", *argv]
-    try:
-        args = parse_and_validate_args(
-            extra_args_provider=add_ultramem_args,
-            args_defaults={"tokenizer_type": "GPT2BPETokenizer", **(args_defaults or {})},
-        )
+    from megatron.training import arguments as mlm_arguments
+
+    megatron_validate = mlm_arguments.validate_args
+
+    def validate_args(args, defaults={}):  # the plugin's checks before any global state is set
+        result = megatron_validate(args, defaults)
+        validate_ultramem_args(args)
+        return result
+
+    mlm_arguments.validate_args = validate_args  # looked up at call time by parse_and_validate_args
+    try:  # bad flags: one line naming them, exit status 2 (cli.bad_input_exits)
+        with bad_input_exits("python -m megatron_ultramem.pretrain"):
+            args = parse_and_validate_args(
+                extra_args_provider=lambda parser: repair_help_strings(add_ultramem_args(parser)),
+                args_defaults={"tokenizer_type": "GPT2BPETokenizer", **(args_defaults or {})},
+            )
+            validate_ultramem_args(args)  # --yaml-cfg validates without validate_args
     finally:
+        mlm_arguments.validate_args = megatron_validate
         sys.argv = saved
-    validate_ultramem_args(args)  # also when the hooks' validate_args wrapper is not installed
     return args
 
 
@@ -283,11 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cpu_compat.enable(training_loop=True)  # no-op with CUDA; CPU-only machines: gloo + CPU
     install_megatron_lm_hooks()  # value LR group + scheduler, Tucker refresh, metrics, validation
     use_prebuilt_dataset_helpers()
-    try:
-        args = parse_args(argv)
-    except ValueError as err:  # a refused flag or value: one line naming it, before any work
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    args = parse_args(argv)  # bad input: one line naming the flag, exit status 2, before any work
     full_config = pretrain_cfg_container_from_args(args, model_config_from_args(args))
     pretrain(full_config, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
 

@@ -89,55 +89,97 @@ def _choices() -> Dict[str, tuple]:
     }
 
 
-def _argparse_kwargs(f: dataclasses.Field) -> dict:
-    default = f.default
+def _numeric_types() -> Dict[str, Callable]:
+    """argparse types of the numeric fields: the allowed range in the message, nan/inf refused
+    (the same bounds as UltraMemConfig.validate_ultramem)."""
+    from ..cli import float_in, int_at_least
+
+    positive = int_at_least(1)
+    return {
+        **{name: positive for name in (
+            "ultramem_num_keys", "ultramem_key_dim", "ultramem_value_dim", "ultramem_expansion",
+            "ultramem_tucker_rank", "ultramem_num_cores", "ultramem_num_heads", "ultramem_topm")},
+        "ultramem_seed": int_at_least(0),
+        "ultramem_aux_loss_alpha": float_in(0.0),
+        "ultramem_aux_loss_tau": float_in(0.0),
+        "ultramem_value_lr_mult": float_in(0.0, low_open=True),
+        "ultramem_value_lr_decay_rate": float_in(0.0, low_open=True),
+    }  # fmt: skip
+
+
+def _argparse_kwargs(f: dataclasses.Field, default=dataclasses.MISSING) -> dict:
+    """add_argument keywords of one field; `default` replaces the field's default."""
+    default = f.default if default is dataclasses.MISSING else default
     help_text = _field_docs().get(f.name, "").replace("%", "%%")
-    kwargs = {"default": default, "dest": f.name, "help": help_text}
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif default is None:
+        shown = "--seed" if f.name == "ultramem_seed" else "None"
+    else:
+        shown = default
+    kwargs = {"default": default, "dest": f.name, "help": f"{help_text} (default: {shown})"}
     choices = _choices()
+    numeric = _numeric_types()
     if f.name in choices:
         return {**kwargs, "type": str, "choices": choices[f.name]}
     if f.name == "ultramem_layers":
         return {**kwargs, "type": _layers_type, "metavar": "N|PATTERN"}
     if f.name == "ultramem_skip_units":
         return {**kwargs, "type": str, "metavar": '"i:j,i:j,..."'}
-    if f.name == "ultramem_value_dim":
-        return {**kwargs, "type": int, "metavar": "DV"}
-    if isinstance(default, bool):
+    if f.name in numeric:
+        return {**kwargs, "type": numeric[f.name], "metavar": f.name.split("_", 1)[1].upper()}
+    if isinstance(f.default, bool):
         return {**kwargs, "action": argparse.BooleanOptionalAction}
-    if isinstance(default, (int, float, str)):
-        return {**kwargs, "type": type(default)}
+    if isinstance(f.default, (int, float, str)):
+        return {**kwargs, "type": type(f.default)}
     raise TypeError(
-        f"UltraMemConfig.{f.name} has no command-line flag rule (default {default!r}): add one in "
+        f"UltraMemConfig.{f.name} has no command-line flag rule (default {f.default!r}): add one in "
         "megatron_ultramem/megatron_lm/arguments.py"
     )
 
 
-def add_ultramem_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_ultramem_args(
+    parser: argparse.ArgumentParser,
+    defaults: Optional[Dict[str, object]] = None,
+    logging_flags: bool = True,
+) -> argparse.ArgumentParser:
     """extra_args_provider for Megatron-LM: adds the `--ultramem-*` flags and returns the parser.
+
+    The one definition of the flags, shared by Megatron-LM's scripts, `python -m
+    megatron_ultramem.pretrain` and the main job (`python -m megatron_ultramem`). `defaults`
+    ({field: value}) replaces field defaults (the main job's small model); `logging_flags=False`
+    leaves out the two Megatron-LM logging switches. Every help text ends with the default.
 
     Idempotent: a parser that already has them (the patch and the entry point both registered the
     provider) is returned unchanged.
     """
     if "--ultramem-mode" in getattr(parser, "_option_string_actions", {}):
         return parser
+    defaults = dict(defaults or {})
     group = parser.add_argument_group(
         "UltraMem", f"UltraMem memory layers; active with {SPEC_FLAG} (megatron-ultramem)"
     )
     for f in ultramem_fields():
-        group.add_argument(flag_name(f.name), **_argparse_kwargs(f))
+        group.add_argument(
+            flag_name(f.name), **_argparse_kwargs(f, defaults.pop(f.name, dataclasses.MISSING))
+        )
+    if defaults:
+        raise TypeError(f"add_ultramem_args: no such UltraMem field(s) {sorted(defaults)}")
+    if not logging_flags:
+        return parser
     group.add_argument(
         "--ultramem-log-stats",
         dest="ultramem_log_stats",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="Log retrieval statistics (fraction of the value table touched, mean top-1/top-m "
-        "scores) next to the Tucker aux loss and singular values.",
+        "scores) next to the Tucker aux loss and singular values. (default: on)",
     )
     group.add_argument(
         "--ultramem-per-layer-logging",
         dest="ultramem_per_layer_logging",
         action="store_true",
-        help="Also log the aux loss and retrieval statistics of each memory layer.",
+        help="Also log the aux loss and retrieval statistics of each memory layer. (default: off)",
     )
     return parser
 
