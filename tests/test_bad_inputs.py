@@ -496,6 +496,10 @@ def _run_subprocess(case: Case, env: Dict[str, str], cwd) -> Tuple[int, str]:
     entry = ENTRIES[case.entry]
     env = dict(env, PYTHONWARNINGS="ignore", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     if entry.script:
+        # the launchers run `$PYTHON` and `torchrun`: this interpreter's (a bare `python` from PATH
+        # may be one without megatron-core, which warns on import), unless the case sets PYTHON
+        env.setdefault("PYTHON", sys.executable)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         cmd = ["bash", os.path.join(ROOT, entry.script), *case.argv]
     else:
         cmd = [sys.executable, "-m", entry.module, *case.argv]

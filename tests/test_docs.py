@@ -55,8 +55,12 @@ COMMANDS = [
     (r"git -C \S+ apply .*", CHECKOUT, "patches a clone"),
     (r"MEGATRON_LM_PATH=\S+ .*tests/megatron_lm/verify_megatron_lm\.py.*", CHECKOUT,
      "runs Megatron-LM's scripts from a clone"),
-    (r"python -m pytest -q tests/megatron_lm tests/test_optim\.py tests/test_sizing\.py tests/test_launch\.py",
-     CI, "a subset of the test command"),
+    (r"python -m pytest -q tests/megatron_lm tests/test_optim\.py( tests/\w+\.py)*", CI,
+     "a subset of the test command"),
+    (r"git clone https://github\.com/NVIDIA/Megatron-LM \S+ && git -C \S+ checkout [0-9a-f]{7,40}", CHECKOUT,
+     "a download (Megatron-LM main, for the 0.20 verification)"),
+    (r"python3 -m venv \S+ && PIP=\"\S+ -m pip\"", INSTALL, "the 0.20 verification's virtualenv"),
+    (r"\$PIP install .*", INSTALL, "builds megatron-core from a Megatron-LM clone: minutes, by hand"),
 ]  # fmt: skip
 
 
