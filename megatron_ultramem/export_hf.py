@@ -73,14 +73,15 @@ def export(load: str, out: str, iteration: Optional[int] = None, dtype: str = "a
     desc = dict(source.desc)
     try:
         if desc.get("vocab_size") is None:  # the main job's: from the embedding's global shape
-            from megatron.core import dist_checkpointing
-
-            checkpoint._ensure_process_group()
-            meta = dist_checkpointing.load_tensors_metadata(source.path)
-            desc["vocab_size"] = meta["embedding.word_embeddings.weight"].global_shape[0]
+            meta = checkpoint.tensor_metadata(source.path)
+            if "embedding.word_embeddings.weight" not in meta:
+                raise UsageError(f"--load {load}: the checkpoint has no embedding.word_embeddings.weight")
+            desc["vocab_size"] = meta["embedding.word_embeddings.weight"].size[0]
         kwargs = mapping.hf_config_dict(desc)
     except mapping.UnsupportedModel as err:
         raise UsageError(f"--load {load}: {err}") from None
+    except checkpoint.CheckpointError as err:
+        raise UsageError(str(err)) from None
     from .hf.configuration_ultramem import UltraMemGPTConfig
 
     try:

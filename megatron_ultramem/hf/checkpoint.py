@@ -172,28 +172,41 @@ def _ensure_process_group() -> None:
         )
 
 
-def read_model_tensors(source: Source) -> Dict[str, torch.Tensor]:
-    """Every model tensor of the checkpoint, whole (global shapes), keyed by checkpoint key."""
-    from megatron.core import dist_checkpointing
+def tensor_metadata(path: str) -> Dict[str, object]:
+    """{checkpoint key: torch DCP TensorStorageMetadata (size, dtype)} of the model's tensors."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from .. import cpu_compat
-
-    cpu_compat.enable()  # the filesystem reader's CUDA calls on a CPU machine
-    _ensure_process_group()
     try:
-        meta = dist_checkpointing.load_tensors_metadata(source.path)
-        wanted = {k: v for k, v in meta.items() if k.startswith(MODEL_PREFIXES)}
-        if not wanted:
-            raise CheckpointError(f"{source.path} holds no model tensors (embedding.*, decoder.*)")
-        loaded = dist_checkpointing.load(wanted, source.path, validate_access_integrity=False)
-    except CheckpointError:
-        raise
+        md = FileSystemReader(path).read_metadata()
     except Exception as err:
+        raise CheckpointError(f"--load: {path}/.metadata is unreadable ({type(err).__name__}): the checkpoint is damaged") from None
+    return {k: m for k, m in md.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata) and k.startswith(MODEL_PREFIXES)}  # fmt: skip
+
+
+def read_model_tensors(source: Source) -> Dict[str, torch.Tensor]:
+    """Every model tensor of the checkpoint, whole (global shapes), keyed by checkpoint key.
+
+    torch.distributed.checkpoint reads the pieces every rank wrote into whole tensors, in this
+    process alone (no process group: the export also runs inside a multi-rank job's rank 0).
+    The optimizer's tensors are not read."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    meta = tensor_metadata(source.path)
+    if not meta:
+        raise CheckpointError(f"{source.path} holds no model tensors (embedding.*, decoder.*)")
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
+    try:
+        dcp_load(state, storage_reader=FileSystemReader(source.path), no_dist=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise CheckpointError(
-            f"--load: reading the tensors of {source.path} failed ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else ''}): the checkpoint is partial or damaged"
+            f"--load: reading the tensors of {source.path} failed ({type(err).__name__}: {first}): "
+            "the checkpoint is partial or damaged"
         ) from None
-    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    return state
 
 
 def fill_sharded_state_dict(sharded_sd, tensors: Dict[str, torch.Tensor]) -> None:
