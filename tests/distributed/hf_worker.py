@@ -57,7 +57,7 @@ def setup(tp=1, ep=1, pp=1):
 
 
 BASE_ARGS = dict(
-    num_layers=3, hidden_size=24, num_attention_heads=4, ffn_hidden_size=40, kv_channels=None,
+    num_layers=4, hidden_size=24, num_attention_heads=4, ffn_hidden_size=40, kv_channels=None,
     normalization="LayerNorm", norm_epsilon=1e-5, add_bias_linear=True, add_qkv_bias=False,
     qk_layernorm=False, group_query_attention=False, num_query_groups=1, swiglu=False,
     bias_gelu_fusion=False, bias_swiglu_fusion=False, position_embedding_type="rope",
@@ -77,28 +77,28 @@ pretrain_gpt.py saves in the checkpoint as `args`)."""
 # Each case: (TransformerConfig fields, GPTModel arguments, the same model as Megatron-LM arguments)
 CASES = {
     "parallel": (
-        dict(ultramem_mode="parallel", ultramem_layers="[0,1,1]", seq_len_interpolation_factor=None),
+        dict(ultramem_mode="parallel", ultramem_layers="[0,1,1,0]", seq_len_interpolation_factor=None),
         dict(position_embedding_type="rope", share_embeddings_and_output_weights=True,
              rope_scaling=True, rope_scaling_factor=8.0, seq_len_interpolation_factor=2.0),
-        dict(ultramem_mode="parallel", ultramem_layers="[0,1,1]", untie_embeddings_and_output_weights=False,
+        dict(ultramem_mode="parallel", ultramem_layers="[0,1,1,0]", untie_embeddings_and_output_weights=False,
              use_rope_scaling=True, rotary_seq_len_interpolation_factor=2.0),
     ),
     "replace": (
-        dict(ultramem_mode="replace", ultramem_layers="[1,0,1]", normalization="RMSNorm",
+        dict(ultramem_mode="replace", ultramem_layers="[1,0,1,0]", normalization="RMSNorm",
              gated_linear_unit=True, activation_func=F.silu, num_query_groups=2, qk_layernorm=True,
              add_bias_linear=False, rotary_interleaved=True, ultramem_score_activation="softmax"),
         dict(position_embedding_type="rope", rotary_base=500, rotary_percent=0.5,
              share_embeddings_and_output_weights=False),
-        dict(ultramem_mode="replace", ultramem_layers="[1,0,1]", normalization="RMSNorm", swiglu=True,
+        dict(ultramem_mode="replace", ultramem_layers="[1,0,1,0]", normalization="RMSNorm", swiglu=True,
              group_query_attention=True, num_query_groups=2, qk_layernorm=True, add_bias_linear=False,
              rotary_interleaved=True, rotary_base=500, rotary_percent=0.5,
              ultramem_score_activation="softmax"),
     ),
     "skip": (
-        dict(ultramem_mode="skip", ultramem_skip_units="0:2,1:1", bias_activation_fusion=True,
+        dict(ultramem_mode="skip", ultramem_skip_units="0:1,2:2", bias_activation_fusion=True,
              add_qkv_bias=True),
         dict(position_embedding_type="learned_absolute", share_embeddings_and_output_weights=False),
-        dict(ultramem_mode="skip", ultramem_skip_units="0:2,1:1", bias_gelu_fusion=True,
+        dict(ultramem_mode="skip", ultramem_skip_units="0:1,2:2", bias_gelu_fusion=True,
              add_qkv_bias=True, position_embedding_type="learned_absolute"),
     ),
 }
@@ -112,7 +112,7 @@ def build_gpt(case, tp=1, ep=1, pp=1, pre=True, post=True):
     cfg_kw, model_kw, _ = CASES[case]
     cfg_kw = {k: v for k, v in cfg_kw.items() if k != "seq_len_interpolation_factor"}
     cfg = small_config(
-        num_layers=3, ultramem_value_dim=12, tensor_model_parallel_size=tp,
+        num_layers=4, ultramem_value_dim=12, tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep, pipeline_model_parallel_size=pp, ultramem_impl="auto",
         **({"pipeline_dtype": torch.float32} if pp > 1 else {}), **cfg_kw,
     )  # fmt: skip
