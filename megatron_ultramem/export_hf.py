@@ -142,6 +142,43 @@ def export(load: str, out: str, iteration: Optional[int] = None, dtype: str = "a
     return summary
 
 
+# ----------------------------------------------------------------------------- the main job
+def output_folder_arg(text: str) -> str:
+    """argparse type of the main job's --export-hf DIR: refused at parse time (exit 2, before any
+    training) when it is not empty or cannot be written."""
+    try:
+        folder.check_output(text, force=False, flag="--export-hf")
+    except folder.FolderError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def export_after_training(args, step: int, model, optimizer, scheduler) -> None:
+    """The main job's --export-hf DIR: export the trained model (a collective: every rank calls).
+
+    The final state is exported from the run's --save checkpoint of this step when there is one;
+    otherwise it is first written, through the main job's own checkpointing, to a temporary
+    directory next to DIR that is removed afterwards."""
+    from . import checkpointing, train
+
+    save = getattr(args, "save", None)
+    have = save is not None and os.path.isdir(checkpointing.iteration_dir(save, step))
+    root = save if have else f"{os.path.abspath(args.export_hf)}.ckpt.tmp"
+    if not have:
+        checkpointing.save_checkpoint(root, step, model, optimizer, scheduler, {
+            "run_config": train.run_config(args), "consumed_samples": None, "history": None,
+        })  # fmt: skip
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    try:
+        if rank == 0:
+            export(checkpointing.iteration_dir(root, step), args.export_hf)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if not have and rank == 0:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)

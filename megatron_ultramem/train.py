@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, metavar="DIR",
                    help="resume from the latest checkpoint in DIR (with --save DIR: resume if "
                    "there is one, else start)")
+    from .export_hf import output_folder_arg
+
+    g.add_argument("--export-hf", default=None, metavar="DIR", type=output_folder_arg,
+                   help="at the end, write the trained model as a Hugging Face folder (see "
+                   "python -m megatron_ultramem.export_hf)")
     g = p.add_argument_group("comparison")
     g.add_argument("--compare", action="store_true",
                    help="train this UltraMem model and a MoE of matched total and activated "
@@ -238,6 +243,7 @@ def _check_writable(path: str, flag: str) -> None:
 RUN_CONFIG_EXCLUDED = {
     "output_dir", "no_progress", "load", "save", "save_interval", "threads", "data_workers",
     "data_prefetch", "data_backend", "log_interval", "eval_interval", "eval_iters", "data_info",
+    "export_hf",
 }  # fmt: skip
 """Flags that change neither the model nor the order or content of its updates."""
 
@@ -623,6 +629,10 @@ def train(args, build=None) -> Dict:
             val = f" val {eval_losses[-1]:.3f}" if eval_steps and eval_steps[-1] == step else ""
             print(f"step {step}/{args.train_iters} loss {loss:.4f}{val} tok/s {rate:,.0f}", flush=True)
     wall = time.perf_counter() - start
+    if getattr(args, "export_hf", None):
+        from .export_hf import export_after_training
+
+        export_after_training(args, args.train_iters, model, optimizer, scheduler)
     if progress is not None:
         progress.close()
     trained = args.train_iters - start_step + 1
