@@ -107,6 +107,7 @@ def export(load: str, out: str, iteration: Optional[int] = None, dtype: str = "a
         **({"run_config": source.run_config} if source.run_config is not None else {}),
         "ultramem": {k: v for k, v in desc.items() if k.startswith("ultramem_")},
         "hybrid_layer_pattern": desc.get("hybrid_layer_pattern"),
+        **({"args": mapping.recorded_args(source.args)} if source.args is not None else {}),
     }
     config.auto_map = dict(folder.AUTO_MAP)
     config.architectures = ["UltraMemGPTForCausalLM"]

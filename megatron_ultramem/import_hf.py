@@ -9,6 +9,11 @@
     Megatron-LM arguments that describe it) that `python -m megatron_ultramem.pretrain` and
     Megatron-LM's scripts with the plugin's --spec load with `--load CKPT_DIR` (a release
     checkpoint loads the model only: optimizer and RNG start fresh) at any TP x EP x PP layout.
+--for megatron-lm: the same release checkpoint for Megatron-LM's pretrain_gpt.py / pretrain_hybrid.py
+    with the plugin's --spec. They build the model with a plain TransformerConfig, whose
+    TransformerBlock stacks identical layers under one checkpoint key (`decoder.layers.<name>`
+    with a leading layer axis) when every layer has a memory; the plugin's pretrain (an
+    UltraMemConfig) always keys layers one by one. For every other model the two are the same.
 --for main-job (the default for the main job's exports): the main job's checkpoint at iteration 0
     (model, a fresh optimizer and LR schedule, the run's flags), which `python -m
     megatron_ultramem --load CKPT_DIR <the flags it prints>` resumes from: it trains from the
@@ -30,7 +35,7 @@ import torch
 from .export_hf import UsageError, _Parser
 from .hf import checkpoint, folder, mapping
 
-TARGETS = ("pretrain", "main-job")
+TARGETS = ("pretrain", "megatron-lm", "main-job")
 MAIN_JOB_MODEL_FLAGS = (
     "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
     "ultramem_mode", "ultramem_layers", "ultramem_skip_units", "ultramem_num_keys",
@@ -46,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", required=True, metavar="HF_DIR")
     p.add_argument("--save", required=True, metavar="CKPT_DIR")
     p.add_argument("--for", dest="target", choices=TARGETS, default=None,
-                   help="which job loads it (default: main-job for the main job's exports, else pretrain)")
+                   help="which job loads it: pretrain (python -m megatron_ultramem.pretrain), megatron-lm "
+                   "(Megatron-LM's pretrain_gpt.py / pretrain_hybrid.py with the plugin's --spec), main-job "
+                   "(python -m megatron_ultramem); default: main-job for the main job's exports, else pretrain")
     p.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
     return p
 
@@ -77,6 +84,11 @@ def megatron_args(cfg) -> argparse.Namespace:
     """The Megatron-LM arguments that build this model (saved as the checkpoint's `args`)."""
     gqa = cfg.num_key_value_heads != cfg.num_attention_heads
     um = ultramem_settings(cfg)
+    recorded = {k: v for k, v in ((cfg.megatron or {}).get("args") or {}).items() if k in mapping.RECORDED_ARGS}
+    # Megatron-LM's defaults where nothing is recorded (add_position_embedding is True unless
+    # --no-position-embedding, whatever --position-embedding-type says)
+    recorded = {"add_position_embedding": True, "make_vocab_size_divisible_by": 128,
+                "tokenizer_type": None, "seq_length": cfg.max_position_embeddings, **recorded}  # fmt: skip
     return argparse.Namespace(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads, group_query_attention=gqa,
@@ -89,7 +101,6 @@ def megatron_args(cfg) -> argparse.Namespace:
         add_bias_linear=cfg.linear_bias, add_qkv_bias=cfg.qkv_bias and not cfg.linear_bias,
         qk_layernorm=cfg.qk_layernorm, softmax_scale=cfg.attention_scale,
         position_embedding_type=cfg.position_embedding_type,
-        add_position_embedding=cfg.position_embedding_type == "learned_absolute",
         rotary_base=cfg.rope_theta, rotary_percent=cfg.rotary_percent,
         rotary_interleaved=cfg.rotary_interleaved,
         rotary_seq_len_interpolation_factor=cfg.rope_interpolation_factor,
@@ -97,9 +108,8 @@ def megatron_args(cfg) -> argparse.Namespace:
         rope_scaling_factor=cfg.rope_llama3_scaling_factor or 8.0,
         untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
         padded_vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings,
-        seq_length=cfg.max_position_embeddings, make_vocab_size_divisible_by=1,
-        hybrid_layer_pattern=hybrid_pattern(cfg), ckpt_format="torch_dist", tokenizer_type=None,
-        vocab_file=None, data_parallel_random_init=False,
+        hybrid_layer_pattern=hybrid_pattern(cfg), ckpt_format="torch_dist", vocab_file=None,
+        data_parallel_random_init=False, **recorded,
         ultramem_num_keys=cfg.ultramem_num_keys, ultramem_key_dim=cfg.ultramem_key_dim,
         ultramem_value_dim=cfg.ultramem_value_dim, ultramem_expansion=cfg.ultramem_expansion,
         ultramem_tucker_rank=cfg.ultramem_tucker_rank, ultramem_num_cores=cfg.ultramem_num_cores,
@@ -108,9 +118,11 @@ def megatron_args(cfg) -> argparse.Namespace:
     )  # fmt: skip
 
 
-def build_target_model(args: argparse.Namespace):
-    """GPTModel / HybridModel at TP = EP = PP = 1 as the plugin builds it from these arguments
-    (weights left uninitialized: they are filled from the folder)."""
+def build_target_model(args: argparse.Namespace, megatron_lm: bool = False):
+    """GPTModel / HybridModel at TP = EP = PP = 1 as the plugin's pretrain builds it from these
+    arguments, or (megatron_lm) as Megatron-LM's pretrain_gpt.py builds it with the plugin's --spec:
+    a plain TransformerConfig for the block, which stacks the layers' checkpoint keys when they are
+    all alike. Weights are left uninitialized: they are filled from the folder."""
     import torch.nn.functional as F
 
     from .config import UltraMemConfig
@@ -145,10 +157,19 @@ def build_target_model(args: argparse.Namespace):
                            rotary_base=a["rotary_base"], rotary_percent=a["rotary_percent"], **common)  # fmt: skip
     from megatron.core.models.gpt import GPTModel
 
-    from .specs import get_ultramem_decoder_block_spec
+    if megatron_lm:
+        from megatron.core.transformer.transformer_config import TransformerConfig
 
+        from .megatron_lm.spec import build_block_spec
+
+        spec = build_block_spec(config, "local")  # TE's checkpoint keys are the same (keys map)
+        config = TransformerConfig(**{k: v for k, v in fields.items() if not k.startswith("ultramem_")})
+    else:
+        from .specs import get_ultramem_decoder_block_spec
+
+        spec = get_ultramem_decoder_block_spec(config)
     return GPTModel(
-        config=config, transformer_layer_spec=get_ultramem_decoder_block_spec(config),
+        config=config, transformer_layer_spec=spec,
         share_embeddings_and_output_weights=not a["untie_embeddings_and_output_weights"],
         rotary_base=a["rotary_base"], rotary_percent=a["rotary_percent"],
         seq_len_interpolation_factor=a["rotary_seq_len_interpolation_factor"],
@@ -172,11 +193,11 @@ def _init_world() -> None:
 
 
 # ----------------------------------------------------------------------------- writers
-def write_pretrain(cfg, hf: Dict[str, torch.Tensor], tmp: str) -> List[str]:
+def write_pretrain(cfg, hf: Dict[str, torch.Tensor], tmp: str, megatron_lm: bool = False) -> List[str]:
     from megatron.core import dist_checkpointing
 
     args = megatron_args(cfg)
-    model = build_target_model(args)
+    model = build_target_model(args, megatron_lm)
     sd = model.sharded_state_dict()
     checkpoint.fill_sharded_state_dict(sd, mapping.hf_to_megatron(hf, cfg))
     path = os.path.join(tmp, "release")
@@ -261,10 +282,15 @@ def write_main_job(cfg, hf: Dict[str, torch.Tensor], tmp: str, extra: List[str])
         model,
     )  # fmt: skip
     optimizer, scheduler = train.build_optimizer(local, config, ddp)
-    # A fresh Adam state written out (zero moments), so that the main job's resume path finds
-    # every state it loads. The step is float32's smallest normal number, not 0: Megatron stores a
-    # common step only when it is nonzero, and Adam's first increment rounds tiny + 1 to exactly 1,
-    # the bias correction of a fresh Adam's first step.
+    # A fresh Adam state written out (zero moments), because the main job's resume path loads the
+    # optimizer with the model and asks for every state tensor. Its step cannot be 0: Megatron's
+    # FP32Optimizer / Float16OptimizerWithFloat16Params save the per-parameter step only when it
+    # is truthy (`if step:` in sharded_state_dict), and torch's Adam then fails on a loaded state
+    # that has moments but no step. float32's smallest normal number is truthy, and Adam's first
+    # increment rounds tiny + 1 to exactly 1.0: the first update is bit for bit a fresh Adam's
+    # (tests/test_export_hf.py). The distributed optimizer keeps the step in its param groups and
+    # gets the same value back. (The main job has no model-only load, like Megatron-LM's
+    # --no-load-optim, that would let the optimizer state be left out instead.)
     optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True)  # Megatron's init_state_fn
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
@@ -310,14 +336,15 @@ def import_hf(hf_dir: str, save: str, target: Optional[str] = None, force: bool 
         if target == "main-job":
             flags = write_main_job(cfg, hf, tmp, extra)
         else:
-            flags = write_pretrain(cfg, hf, tmp)
+            flags = write_pretrain(cfg, hf, tmp, megatron_lm=target == "megatron-lm")
         folder.publish(tmp, save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     flags = [save if f == "<CKPT_DIR>" else f for f in flags]
     if not quiet:
-        job = "python -m megatron_ultramem" if target == "main-job" else "python -m megatron_ultramem.pretrain <your arguments>"
+        job = {"main-job": "python -m megatron_ultramem", "pretrain": "python -m megatron_ultramem.pretrain <your arguments>",
+               "megatron-lm": "pretrain_gpt.py --spec megatron_ultramem.megatron_lm ultramem_block_spec <your arguments>"}[target]
         print(f"wrote {save} ({target}); load it with: {job} {' '.join(flags)}")
     return flags
 

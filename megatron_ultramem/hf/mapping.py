@@ -107,6 +107,16 @@ def desc_from_args(args) -> Dict:
     return desc
 
 
+RECORDED_ARGS = ("add_position_embedding", "make_vocab_size_divisible_by", "tokenizer_type", "seq_length")
+"""Megatron-LM arguments that do not follow from the model but that Megatron-LM's load_checkpoint
+compares with the loading run's (check_checkpoint_args): recorded at export from a Megatron-LM
+checkpoint (config.megatron["args"]) and written back by import_hf."""
+
+
+def recorded_args(args) -> Dict:
+    return {k: getattr(args, k) for k in RECORDED_ARGS if hasattr(args, k)} if args is not None else {}
+
+
 # Options with a forward pass the Hugging Face model does not compute: (desc key, flag, allowed)
 _REFUSED = [
     ("multi_latent_attention", "--multi-latent-attention", (None, False)),

@@ -1,35 +1,52 @@
-"""Hugging Face export of checkpoints saved at several layouts, under torchrun (gloo, CPU).
+"""Hugging Face export of checkpoints saved at several layouts, and imports loaded at several
+layouts, under torchrun (gloo, CPU, 4 ranks):
 
-    torchrun --standalone --nproc_per_node 4 tests/distributed/hf_worker.py gpt
-    torchrun --standalone --nproc_per_node 4 tests/distributed/hf_worker.py hybrid
+    torchrun --standalone --nproc_per_node 4 tests/distributed/hf_worker.py DIR
 
-For each model (placements 'parallel', 'replace' and 'skip', each with other GPT options:
-LayerNorm/RMSNorm, GELU exact/tanh-fused/SwiGLU, MHA/GQA, QK layernorm, RoPE base, percent,
-interleaving, interpolation and Llama-3 scaling, learned absolute positions, tied/untied
-embeddings, biases on/off) and layout (TP=2 x EP=2, TP=2 x PP=2, TP=1), the model is saved the
-way Megatron-LM's pretrain_gpt.py saves it (`{'args', 'checkpoint_version', 'iteration', 'model'}`
-through dist_checkpointing into iter_XXXXXXX, and the tracker file), exported with
-`megatron_ultramem.export_hf`, loaded with transformers' AutoModelForCausalLM
-(trust_remote_code), and its logits are compared with the Megatron model that saved it (TP x EP:
-the saving model itself, logits gathered; PP: the single-stage model loaded from the checkpoint).
-Greedy generate() for 32 tokens is compared with a greedy loop over the Megatron model.
+DIR is a shared scratch directory. When DIR/load holds the imports that tests/test_export_hf.py
+prepares (`prepare_load_dir`, one process: import_hf runs as one), they are loaded too.
+
+1. GPTModel, placements 'parallel', 'replace' and 'skip', each with other GPT options
+   (LayerNorm/RMSNorm, GELU exact/tanh-fused/SwiGLU, MHA/GQA, QK layernorm, RoPE base, percent,
+   interleaving, interpolation and Llama-3 scaling, learned absolute positions, tied/untied
+   embeddings, biases on/off). Each model is saved the way Megatron-LM's pretrain_gpt.py saves it
+   (`{'args', 'checkpoint_version', 'iteration', 'model'}` through dist_checkpointing into
+   iter_XXXXXXX, and the tracker file) and exported by rank 0 with `export_hf.export`:
+   - TP=2 x EP=2: HF logits == the saving model's (gathered) logits; greedy generate() for 32
+     tokens == a greedy loop over the saving model;
+   - TP=1: HF logits == the model's;
+   - TP=2 x PP=2: the stages load the TP=1 checkpoint and save again; the export of that
+     checkpoint is bitwise the TP=1 one's (same weights, so the same logits). Megatron syncs tied
+     embeddings across pipeline stages on CUDA only (`.cuda()` in LanguageModule), so a tied
+     case is checked at PP=2 through an untied copy of it (the tied checkpoint has the same keys:
+     the last stage's output layer is a replica of `embedding.word_embeddings.weight`).
+2. HybridModel (megatron-core 0.19+): '*E*E' (memories replace the E layers) and '*-*-'
+   (memories beside the '-' MLPs): TP=2 x EP=2 (logits, greedy), TP=1 (logits), and PP=2 with
+   '|' in the pattern (bitwise the TP=1 export).
+3. Loading imports with megatron.training (0.19+; DIR/load): `megatron.training.checkpointing.
+   load_checkpoint` (Megatron-LM's own loader, its argument checks included) fills the model that
+   `python -m megatron_ultramem.pretrain` builds (`pretrain.model_provider`) at TP=1 and TP=2 from
+   an `import_hf --for pretrain` checkpoint, and the model Megatron-LM's pretrain_gpt.py builds
+   with the plugin's --spec (plain TransformerConfig: stacked layer keys, every layer having a
+   memory) at TP=2 from an `import_hf --for megatron-lm` checkpoint; logits == the HF model's.
 
 Tolerance: fp32 logits, absolute 1e-4 (|logits| < 10 here): Megatron sums TP partial products and
 computes attention with baddbmm, the HF model with matmul in another order: differences are a few
 float32 ulps of the hidden states (measured <= 2e-6); a misplaced weight changes logits by > 1e-2.
+Only rank 0 loads the HF model; each rank prints nothing but rank 0's summary lines.
 """
 
 import argparse
 import os
 import sys
-import tempfile
 import warnings
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron-LM asserts it with TP > 1
 
 from megatron.core import parallel_state as ps  # noqa: E402
 
@@ -41,8 +58,12 @@ ATOL = 1e-4
 VOCAB, SEQ, MAX_POS, NEW = 40, 12, 64, 32
 
 
+def rank() -> int:
+    return torch.distributed.get_rank()
+
+
 def log(*a):
-    if torch.distributed.get_rank() == 0:
+    if rank() == 0:
         print(*a, flush=True)
 
 
@@ -66,7 +87,8 @@ BASE_ARGS = dict(
     untie_embeddings_and_output_weights=True, padded_vocab_size=VOCAB,
     max_position_embeddings=MAX_POS, tokenizer_type="NullTokenizer", ckpt_format="torch_dist",
     num_experts=None, multi_latent_attention=False, apply_residual_connection_post_layernorm=False,
-    apply_layernorm_1p=False, hybrid_layer_pattern=None,
+    apply_layernorm_1p=False, hybrid_layer_pattern=None, add_position_embedding=True,
+    make_vocab_size_divisible_by=8, seq_length=SEQ, softmax_scale=None,
     ultramem_num_keys=5, ultramem_key_dim=6, ultramem_value_dim=12, ultramem_expansion=4,
     ultramem_tucker_rank=2, ultramem_num_cores=2, ultramem_num_heads=2, ultramem_topm=7,
     ultramem_score_activation="none", ultramem_skip_units=None,
@@ -77,7 +99,7 @@ pretrain_gpt.py saves in the checkpoint as `args`)."""
 # Each case: (TransformerConfig fields, GPTModel arguments, the same model as Megatron-LM arguments)
 CASES = {
     "parallel": (
-        dict(ultramem_mode="parallel", ultramem_layers="[0,1,1,0]", seq_len_interpolation_factor=None),
+        dict(ultramem_mode="parallel", ultramem_layers="[0,1,1,0]"),
         dict(position_embedding_type="rope", share_embeddings_and_output_weights=True,
              rope_scaling=True, rope_scaling_factor=8.0, seq_len_interpolation_factor=2.0),
         dict(ultramem_mode="parallel", ultramem_layers="[0,1,1,0]", untie_embeddings_and_output_weights=False,
@@ -103,51 +125,85 @@ CASES = {
     ),
 }
 
+# 3. the model of the load checks: every layer with a memory beside its MLP (Megatron-LM's block
+# then stacks the layers' keys), tied embeddings (Megatron-LM's default), Megatron-LM's flags
+LOAD_ARGS = dict(BASE_ARGS, ultramem_mode="parallel", ultramem_layers=1, padded_vocab_size=48,
+                 untie_embeddings_and_output_weights=False)  # fmt: skip
+LOAD_FLAGS = [
+    "--num-layers", "4", "--hidden-size", "24", "--num-attention-heads", "4", "--ffn-hidden-size", "40",
+    "--seq-length", str(SEQ), "--max-position-embeddings", str(MAX_POS), "--micro-batch-size", "1",
+    "--train-iters", "1", "--lr", "1e-3", "--transformer-impl", "local", "--use-cpu-initialization",
+    "--no-persist-layer-norm", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion",
+    "--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
+    "--position-embedding-type", "rope", "--tokenizer-type", "NullTokenizer", "--vocab-size", "47",
+    "--make-vocab-size-divisible-by", "8", "--distributed-backend", "gloo", "--hidden-dropout", "0",
+    "--attention-dropout", "0", "--seed", "1234", "--ultramem-mode", "parallel", "--ultramem-layers", "1",
+    "--ultramem-num-keys", "5", "--ultramem-key-dim", "6", "--ultramem-value-dim", "12",
+    "--ultramem-topm", "7", "--ultramem-num-heads", "2", "--ultramem-num-cores", "2",
+    "--ultramem-tucker-rank", "2", "--ultramem-expansion", "4",
+]  # fmt: skip
+"""LOAD_ARGS as Megatron-LM flags (NullTokenizer: vocabulary 47 + its end-of-document token = 48,
+a multiple of 8 x TP for TP = 1 and 2, so the padded vocabulary is 48 at both)."""
 
-def build_gpt(case, tp=1, ep=1, pp=1, pre=True, post=True):
+
+def build_gpt(case, tp=1, ep=1, pp=1, pre=True, post=True, untied=False):
     from megatron.core.models.gpt import GPTModel
 
     from megatron_ultramem.specs import get_ultramem_decoder_block_spec
 
     cfg_kw, model_kw, _ = CASES[case]
-    cfg_kw = {k: v for k, v in cfg_kw.items() if k != "seq_len_interpolation_factor"}
     cfg = small_config(
         num_layers=4, ultramem_value_dim=12, tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep, pipeline_model_parallel_size=pp, ultramem_impl="auto",
         **({"pipeline_dtype": torch.float32} if pp > 1 else {}), **cfg_kw,
     )  # fmt: skip
     spec = get_ultramem_decoder_block_spec(cfg, use_transformer_engine=False)
+    if untied:
+        model_kw = dict(model_kw, share_embeddings_and_output_weights=False)
     torch.manual_seed(0)
     return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=VOCAB,
                     max_sequence_length=MAX_POS, pre_process=pre, post_process=post,
                     parallel_output=False, **model_kw).eval()  # fmt: skip
 
 
-def perturb(model):
+def case_args(case, untied=False, **more):
+    ns = argparse.Namespace(**{**BASE_ARGS, **CASES[case][2], **more})
+    if untied:
+        ns.untie_embeddings_and_output_weights = True
+    return ns
+
+
+def perturb(model, seed=7):
     """Move every parameter off its init (biases and norms included) the same way on every rank,
     so replicated copies stay identical; then refresh the Tucker vectors from the cores."""
     from megatron_ultramem.layer import UltraMemLayer
 
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         for m in model.modules():
             if isinstance(m, UltraMemLayer):
                 m.refresh_tucker_vectors()
+    return model
 
 
-def tokens_and_mask(n=SEQ):
-    ids = torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(3))
-    return ids
+def tokens(n=SEQ, vocab=VOCAB):
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(3))
 
 
 def megatron_logits(model, ids):
+    """[batch, seq, vocab] fp32 logits (the full vocabulary: gathered over TP when sharded)."""
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
     s = ids.shape[1]
     mask = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)
     pos = torch.arange(s)[None].expand(ids.shape[0], s)
     with torch.no_grad():
-        return model(ids, pos, mask).float()
+        out = model(ids, pos, mask).float()
+        if ps.get_tensor_model_parallel_world_size() > 1 and getattr(model, "parallel_output", False):
+            out = gather_from_tensor_model_parallel_region(out)
+    return out
 
 
 def megatron_greedy(model, ids, new=NEW):
@@ -158,49 +214,43 @@ def megatron_greedy(model, ids, new=NEW):
 
 
 def save_megatron_lm(model, root, args_ns, iteration=7):
-    """The checkpoint layout of Megatron-LM's save_checkpoint with --ckpt-format torch_dist."""
+    """The checkpoint layout of Megatron-LM's save_checkpoint with --ckpt-format torch_dist (a
+    collective). Returns the iteration directory."""
     from megatron.core import dist_checkpointing
 
     path = os.path.join(root, f"iter_{iteration:07d}")
-    if torch.distributed.get_rank() == 0:
+    if rank() == 0:
         os.makedirs(path)
     torch.distributed.barrier()
     state = {"args": args_ns, "checkpoint_version": 3.0, "iteration": iteration,
              "model": model.sharded_state_dict()}  # fmt: skip
     dist_checkpointing.save(state, path)
     torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
+    if rank() == 0:
         with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write(str(iteration))
     torch.distributed.barrier()
     return path
 
 
-def shared_tmpdir():
-    root = [tempfile.mkdtemp() if torch.distributed.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(root, src=0)
-    return root[0]
-
-
-def export_and_load(root, name):
-    """Rank 0 exports, every rank loads the folder (transformers, trust_remote_code)."""
-    from transformers import AutoModelForCausalLM
-
+def export_hf(root, out):
+    """Rank 0 exports `root` to `out` (several shards + index) and loads it with transformers
+    (trust_remote_code); other ranks get None."""
     from megatron_ultramem.export_hf import export
 
-    out = os.path.join(os.path.dirname(root), f"{os.path.basename(root)}_{name}_hf")
-    if torch.distributed.get_rank() == 0:
-        export(root, out, quiet=True, max_shard_size="20KB")  # several shards + index
+    hf = None
+    if rank() == 0:
+        export(root, out, quiet=True, max_shard_size="20KB")
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     torch.distributed.barrier()
-    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    return hf, out
+    return hf
 
 
-def check(name, got, want):
-    err = (got - want).abs().max().item()
-    if not err <= ATOL:
-        raise AssertionError(f"{name}: max |logits difference| {err:.3e} > {ATOL}")
-    return err
+def hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(ids).logits
 
 
 def hf_greedy(hf, ids, new=NEW):
@@ -209,59 +259,95 @@ def hf_greedy(hf, ids, new=NEW):
                            min_new_tokens=new, do_sample=False, pad_token_id=0)  # fmt: skip
 
 
-def scenario_gpt():
+def check(name, got, want):
+    err = (got - want).abs().max().item()
+    if not err <= ATOL:
+        raise AssertionError(f"{name}: max |logits difference| {err:.3e} > {ATOL}")
+    if not (want[:, 1:] - want[:, :-1]).abs().max() > 1e-2:
+        raise AssertionError(f"{name}: the Megatron logits barely change along the sequence")
+    return err
+
+
+def same_weights(a, b):
+    """The safetensors of folders a and b hold the same tensors, bit for bit."""
+    from megatron_ultramem.hf.folder import read_weights
+
+    wa, wb = read_weights(a), read_weights(b)
+    return wa.keys() == wb.keys() and all(
+        wa[k].dtype == wb[k].dtype and torch.equal(wa[k].view(torch.uint8), wb[k].view(torch.uint8))
+        for k in wa
+    )
+
+
+def compare_saving_model(name, model, hf, ids, greedy=True):
+    """Every rank runs the Megatron model (collectives); rank 0 compares with the HF model."""
+    want = megatron_logits(model, ids)
+    g_meg = megatron_greedy(model, ids) if greedy else None
+    msg = ""
+    if rank() == 0:
+        msg = f"HF logits == Megatron's (max diff {check(name, hf_logits(hf, ids), want):.1e})"
+        if greedy:
+            g_hf = hf_greedy(hf, ids)
+            if not torch.equal(g_meg, g_hf):
+                raise AssertionError(f"{name}: greedy tokens differ\n{g_meg}\n{g_hf}")
+            msg += f"; greedy generate() == Megatron greedy for {NEW} tokens"
+    torch.distributed.barrier()
+    return msg
+
+
+def pipeline_resave(build_stage, single_iter_dir, root, ns, single_hf_dir, name):
+    """The TP=2 x PP=2 stages load the single-stage checkpoint and save; the export of that equals
+    the single-stage export bitwise."""
     from megatron.core import dist_checkpointing
 
-    ids = tokens_and_mask()
-    base = shared_tmpdir()
+    setup(2, 1, 2)
+    stage = ps.get_pipeline_model_parallel_rank()
+    model = build_stage(pre=stage == 0, post=stage == 1)
+    state = dist_checkpointing.load(model.sharded_state_dict(), single_iter_dir)
+    model.load_state_dict(state, strict=False)  # strict=False: TE-style _extra_state entries
+    save_megatron_lm(model, root, ns)
+    export_hf(root, root + "_hf")
+    if rank() == 0 and not same_weights(root + "_hf", single_hf_dir):
+        raise AssertionError(f"{name}: the export of the TP=2 x PP=2 checkpoint differs from the TP=1 one's")
+    torch.distributed.barrier()
+    log(f"ok {name} saved at TP=2 PP=2: export == the TP=1 export, bit for bit")
+
+
+def scenario_gpt(base):
+    ids = tokens()
     for case in CASES:
-        ns = argparse.Namespace(**{**BASE_ARGS, **CASES[case][2]})
         tied = CASES[case][1].get("share_embeddings_and_output_weights", False)
-        # (Megatron syncs tied embeddings across pipeline stages on CUDA only: PP with untied ones)
-        for tp, ep, pp in ((2, 2, 1), (1, 1, 1)) if tied else ((2, 2, 1), (2, 1, 2), (1, 1, 1)):
-            layout = f"TP={tp} EP={ep} PP={pp}"
-            setup(tp, ep, pp)
-            rank = ps.get_pipeline_model_parallel_rank()
-            model = build_gpt(case, tp, ep, pp, pre=rank == 0, post=rank == pp - 1)
-            perturb(model) if pp == 1 else None
-            root = os.path.join(base, f"{case}_{tp}{ep}{pp}")
-            if pp > 1:  # the stages hold slices of the single-stage model's perturbed weights
-                setup(1, 1, 1)
-                full = build_gpt(case)
-                perturb(full)
-                single = os.path.join(base, f"{case}_single")
-                save_megatron_lm(full, single, ns)
-                setup(tp, ep, pp)
-                sd = model.sharded_state_dict()
-                model.load_state_dict(dist_checkpointing.load(sd, os.path.join(single, "iter_0000007")), strict=False)
-            save_megatron_lm(model, root, ns)
-            hf, out = export_and_load(root, "out")
-            if pp == 1:
-                want, ref = megatron_logits(model, ids), model
-            else:  # the single-stage model, loaded from the PP-saved checkpoint
-                setup(1, 1, 1)
-                ref = build_gpt(case)
-                st = dist_checkpointing.load(ref.sharded_state_dict(), os.path.join(root, "iter_0000007"))
-                ref.load_state_dict(st, strict=False)
-                want = megatron_logits(ref, ids)
-            with torch.no_grad():
-                got = hf(ids).logits
-            err = check(f"{case} {layout}", got, want)
-            msg = f"ok {case} saved at {layout}: HF logits == Megatron's (max diff {err:.1e})"
-            if (tp, ep, pp) == (2, 2, 1) or pp > 1:
-                g_meg = megatron_greedy(ref, ids)
-                g_hf = hf_greedy(hf, ids)
-                if not torch.equal(g_meg, g_hf):
-                    raise AssertionError(f"{case} {layout}: greedy tokens differ\n{g_meg}\n{g_hf}")
-                msg += f"; greedy generate() == Megatron greedy for {NEW} tokens"
-            n_files = len([f for f in os.listdir(out) if f.endswith(".safetensors")])
-            log(msg + f" ({n_files} safetensors shards)")
-            torch.distributed.barrier()
+        ns = case_args(case)
+        # TP=2 x EP=2: the saving model itself is the reference
+        setup(2, 2, 1)
+        model = perturb(build_gpt(case, 2, 2))
+        root = os.path.join(base, f"{case}_tp2ep2")
+        save_megatron_lm(model, root, ns)
+        hf = export_hf(root, root + "_hf")
+        log(f"ok {case} saved at TP=2 EP=2: " + compare_saving_model(f"{case} TP=2 EP=2", model, hf, ids))
+        # TP=1 (data parallel over the 4 ranks)
+        setup(1, 1, 1)
+        single = perturb(build_gpt(case), seed=8)
+        root = os.path.join(base, f"{case}_tp1")
+        single_dir = save_megatron_lm(single, root, ns)
+        hf = export_hf(root, root + "_hf")
+        log(f"ok {case} saved at TP=1: " + compare_saving_model(f"{case} TP=1", single, hf, ids, greedy=False))
+        ref_ns, ref_hf = ns, root + "_hf"
+        if tied:  # an untied copy for the pipeline (see the module doc)
+            ref_ns = case_args(case, untied=True)
+            single = perturb(build_gpt(case, untied=True), seed=9)
+            root = os.path.join(base, f"{case}_untied_tp1")
+            single_dir = save_megatron_lm(single, root, ref_ns)
+            hf = export_hf(root, root + "_hf")
+            msg = compare_saving_model(f"{case} untied TP=1", single, hf, ids, greedy=False)
+            log(f"ok {case} (untied) saved at TP=1: {msg}")
+            ref_hf = root + "_hf"
+        pipeline_resave(lambda pre, post: build_gpt(case, 2, 1, 2, pre, post, untied=tied), single_dir,
+                        os.path.join(base, f"{case}_tp2pp2"), ref_ns, ref_hf, case)  # fmt: skip
 
 
-def scenario_hybrid():
-    """HybridModel (megatron-core 0.19+): '*E*E' with memories replacing E, '*-*-' with memories
-    beside the '-' MLPs, saved at TP=2 x EP=2."""
+def scenario_hybrid(base):
+    """HybridModel (megatron-core 0.19+)."""
     from megatron_ultramem import compat
 
     if compat._minor(compat.megatron_core_version()) < (0, 19):
@@ -271,40 +357,130 @@ def scenario_hybrid():
 
     from megatron_ultramem.hybrid import get_ultramem_hybrid_stack_spec
 
-    ids = tokens_and_mask()
-    base = shared_tmpdir()
-    for mode, pattern, layers in (("replace", "*E*E", 1), ("parallel", "*-*-", "[0,1,0,1]")):
-        setup(2, 2)
+    ids = tokens()
+
+    def build(mode, layers, pattern, tp=1, ep=1, pp=1, pre=True, post=True):
         cfg = small_config(num_layers=4, ultramem_mode=mode, ultramem_layers=layers,
-                           ultramem_value_dim=12, tensor_model_parallel_size=2,
-                           expert_model_parallel_size=2, ultramem_impl="auto")  # fmt: skip
+                           ultramem_value_dim=12, tensor_model_parallel_size=tp,
+                           expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
+                           ultramem_impl="auto", **({"pipeline_dtype": torch.float32} if pp > 1 else {}))  # fmt: skip
         torch.manual_seed(0)
-        model = HybridModel(config=cfg, hybrid_stack_spec=get_ultramem_hybrid_stack_spec(False),
-                            vocab_size=VOCAB, max_sequence_length=MAX_POS, hybrid_layer_pattern=pattern,
-                            position_embedding_type="rope", parallel_output=False).eval()  # fmt: skip
-        perturb(model)
-        ns = argparse.Namespace(**{**BASE_ARGS, "num_layers": 4, "hybrid_layer_pattern": pattern,
-                                   "ultramem_mode": mode, "ultramem_layers": layers})  # fmt: skip
-        root = os.path.join(base, mode)
+        return HybridModel(config=cfg, hybrid_stack_spec=get_ultramem_hybrid_stack_spec(False),
+                           vocab_size=VOCAB, max_sequence_length=MAX_POS, hybrid_layer_pattern=pattern,
+                           position_embedding_type="rope", pre_process=pre, post_process=post,
+                           parallel_output=False).eval()  # fmt: skip
+
+    for mode, pattern, staged, layers in (("replace", "*E*E", "*E|*E", 1), ("parallel", "*-*-", "*-|*-", "[0,1,0,1]")):
+        ns = argparse.Namespace(**{**BASE_ARGS, "hybrid_layer_pattern": pattern, "ultramem_mode": mode,
+                                   "ultramem_layers": layers})  # fmt: skip
+        setup(2, 2)
+        model = perturb(build(mode, layers, pattern, 2, 2))
+        root = os.path.join(base, f"hybrid_{mode}_tp2ep2")
         save_megatron_lm(model, root, ns)
-        hf, _ = export_and_load(root, "out")
-        with torch.no_grad():
-            got = hf(ids).logits
-        err = check(f"hybrid {mode}", got, megatron_logits(model, ids))
-        g_meg, g_hf = megatron_greedy(model, ids), hf_greedy(hf, ids)
-        if not torch.equal(g_meg, g_hf):
-            raise AssertionError(f"hybrid {mode}: greedy tokens differ")
-        log(f"ok HybridModel {mode} ({pattern}) saved at TP=2 EP=2: HF logits == Megatron's "
-            f"(max diff {err:.1e}); greedy generate() == Megatron greedy for {NEW} tokens")  # fmt: skip
+        hf = export_hf(root, root + "_hf")
+        msg = compare_saving_model(f"hybrid {mode} TP=2 EP=2", model, hf, ids)
+        log(f"ok HybridModel {mode} ({pattern}) saved at TP=2 EP=2: {msg}")
+        setup(1, 1, 1)
+        single = perturb(build(mode, layers, pattern), seed=8)
+        root = os.path.join(base, f"hybrid_{mode}_tp1")
+        single_dir = save_megatron_lm(single, root, ns)
+        hf = export_hf(root, root + "_hf")
+        msg = compare_saving_model(f"hybrid {mode} TP=1", single, hf, ids, greedy=False)
+        log(f"ok HybridModel {mode} ({pattern}) saved at TP=1: {msg}")
+        staged_ns = argparse.Namespace(**{**vars(ns), "hybrid_layer_pattern": staged})
+        pipeline_resave(lambda pre, post: build(mode, layers, staged, 2, 1, 2, pre, post), single_dir,
+                        os.path.join(base, f"hybrid_{mode}_tp2pp2"), staged_ns, root + "_hf",
+                        f"HybridModel {mode} ({staged})")  # fmt: skip
+
+
+def megatron_lm_gpt(args):
+    """GPTModel as Megatron-LM's pretrain_gpt.py builds it with the plugin's --spec object:
+    a plain TransformerConfig from the arguments and the spec's block for them."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.training.arguments import core_transformer_config_from_args
+
+    from megatron_ultramem.megatron_lm.spec import block_spec_from_args
+
+    return GPTModel(
+        config=core_transformer_config_from_args(args), transformer_layer_spec=block_spec_from_args(args),
+        vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
+    )  # fmt: skip
+
+
+def training_loop_patch() -> bool:
+    import inspect
+
+    return "training_loop" in inspect.signature(cpu_compat.enable).parameters
+
+
+def scenario_load(base):
+    """Imports loaded by megatron.training's load_checkpoint (megatron-core 0.19+)."""
+    from megatron_ultramem import compat
+
+    d = os.path.join(base, "load")
+    if not os.path.isdir(d):
+        log("ok load checks skipped: no imports prepared in DIR/load")
+        return
+    if compat._minor(compat.megatron_core_version()) < (0, 19):
+        log(f"ok load checks skipped: megatron-core {compat.megatron_core_version()} has no megatron.training")
+        return
+    if not training_loop_patch():
+        log("ok load checks skipped: this cpu_compat lacks enable(training_loop=True) (issue 20), which "
+            "megatron.training's checkpoint loader needs on CPU")  # fmt: skip
+        return
+    cpu_compat.enable(training_loop=True)  # its torch.tensor(..., device='cuda') calls, on the CPU
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.training import get_args
+    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.global_vars import destroy_global_vars
+
+    from megatron_ultramem import pretrain as P
+
+    ids = tokens(vocab=47)
+    want = None
+    if rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(os.path.join(d, "hf"), trust_remote_code=True).eval()
+        want = hf_logits(hf, ids)
+    world = torch.distributed.get_world_size()
+    for builder, ckpt, tp in (("pretrain", "pretrain", 1), ("pretrain", "pretrain", 2), ("megatron-lm", "megatron_lm", 2)):
+        destroy_global_vars()
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        args = P.parse_args(LOAD_FLAGS + ["--tensor-model-parallel-size", str(tp), "--global-batch-size",
+                                          str(world // tp), "--load", os.path.join(d, ckpt)])  # fmt: skip
+        ps.initialize_model_parallel(tp)
+        model_parallel_cuda_manual_seed(args.seed)
+        model = P.model_provider() if builder == "pretrain" else megatron_lm_gpt(get_args())
+        stacked = not getattr(model.decoder.config, "hetereogenous_dist_checkpoint", False)
+        assert stacked == (builder == "megatron-lm"), builder  # what each import was written for
+        torch.manual_seed(5)
+        with torch.no_grad():  # not the imported weights: the load has to replace every one
+            for p in model.parameters():
+                p.normal_()
+        iteration, _ = load_checkpoint([model], None, None)
+        got = megatron_logits(model.eval(), ids)
+        if rank() == 0:
+            err = check(f"{ckpt} at TP={tp}", got, want)
+            form = "stacked" if stacked else "per-layer"
+            log(f"ok import --for {builder} loaded by megatron.training's load_checkpoint into the model "
+                f"{'pretrain' if builder == 'pretrain' else 'pretrain_gpt.py --spec'} builds at TP={tp} "
+                f"({form} layer keys, iteration {iteration}): logits == HF (max diff {err:.1e})")  # fmt: skip
+        torch.distributed.barrier()
 
 
 def main():
     cpu_compat.enable()
     torch.distributed.init_process_group("gloo")
-    scenario = sys.argv[1]
-    globals()[f"scenario_{scenario}"]()
-    torch.distributed.barrier()
-    log(f"PASSED {scenario}")
+    base = sys.argv[1]
+    for name in sys.argv[2:] or ("gpt", "hybrid", "load"):
+        globals()[f"scenario_{name}"](base)
+        torch.distributed.barrier()
+    log("PASSED")
     torch.distributed.destroy_process_group()
 
 
