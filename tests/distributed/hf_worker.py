@@ -23,8 +23,12 @@ prepares (`prepare_load_dir`, one process: import_hf runs as one), they are load
 2. HybridModel (megatron-core 0.19+): '*E*E' (memories replace the E layers) and '*-*-'
    (memories beside the '-' MLPs): TP=2 x EP=2 (logits, greedy), TP=1 (logits), and PP=2 with
    '|' in the pattern (bitwise the TP=1 export).
-3. Loading imports with megatron.training (0.19+; DIR/load): `megatron.training.checkpointing.
-   load_checkpoint` (Megatron-LM's own loader, its argument checks included) fills the model that
+Both are saved at one layout after the other (TP=2 x EP=2 for every model, then TP=1, then
+TP=2 x PP=2: one parallel-state setup per layout, whose process groups are most of its cost).
+3. Loading imports with megatron.training (0.19+ with cpu_compat's `enable(training_loop=True)`,
+   whose patch puts the loader's `torch.tensor(..., device='cuda')` on the CPU; DIR/load):
+   `megatron.training.checkpointing.load_checkpoint` (Megatron-LM's own loader, its argument
+   checks included; the model's weights are overwritten with noise first) fills the model that
    `python -m megatron_ultramem.pretrain` builds (`pretrain.model_provider`) at TP=1 and TP=2 from
    an `import_hf --for pretrain` checkpoint, and the model Megatron-LM's pretrain_gpt.py builds
    with the plugin's --spec (plain TransformerConfig: stacked layer keys, every layer having a
@@ -233,17 +237,18 @@ def save_megatron_lm(model, root, args_ns, iteration=7):
     return path
 
 
-def export_hf(root, out):
-    """Rank 0 exports `root` to `out` (several shards + index) and loads it with transformers
-    (trust_remote_code); other ranks get None."""
+def export_hf(root, out, load=True):
+    """Rank 0 exports `root` to `out` (several shards + index) and (load) reads it back with
+    transformers (trust_remote_code); other ranks get None."""
     from megatron_ultramem.export_hf import export
 
     hf = None
     if rank() == 0:
         export(root, out, quiet=True, max_shard_size="20KB")
-        from transformers import AutoModelForCausalLM
+        if load:
+            from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+            hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     torch.distributed.barrier()
     return hf
 
@@ -295,102 +300,95 @@ def compare_saving_model(name, model, hf, ids, greedy=True):
     return msg
 
 
-def pipeline_resave(build_stage, single_iter_dir, root, ns, single_hf_dir, name):
-    """The TP=2 x PP=2 stages load the single-stage checkpoint and save; the export of that equals
-    the single-stage export bitwise."""
-    from megatron.core import dist_checkpointing
-
-    setup(2, 1, 2)
-    stage = ps.get_pipeline_model_parallel_rank()
-    model = build_stage(pre=stage == 0, post=stage == 1)
-    state = dist_checkpointing.load(model.sharded_state_dict(), single_iter_dir)
-    model.load_state_dict(state, strict=False)  # strict=False: TE-style _extra_state entries
-    save_megatron_lm(model, root, ns)
-    export_hf(root, root + "_hf")
-    if rank() == 0 and not same_weights(root + "_hf", single_hf_dir):
-        raise AssertionError(f"{name}: the export of the TP=2 x PP=2 checkpoint differs from the TP=1 one's")
-    torch.distributed.barrier()
-    log(f"ok {name} saved at TP=2 PP=2: export == the TP=1 export, bit for bit")
-
-
-def scenario_gpt(base):
-    ids = tokens()
-    for case in CASES:
-        tied = CASES[case][1].get("share_embeddings_and_output_weights", False)
-        ns = case_args(case)
-        # TP=2 x EP=2: the saving model itself is the reference
-        setup(2, 2, 1)
-        model = perturb(build_gpt(case, 2, 2))
-        root = os.path.join(base, f"{case}_tp2ep2")
-        save_megatron_lm(model, root, ns)
-        hf = export_hf(root, root + "_hf")
-        log(f"ok {case} saved at TP=2 EP=2: " + compare_saving_model(f"{case} TP=2 EP=2", model, hf, ids))
-        # TP=1 (data parallel over the 4 ranks)
-        setup(1, 1, 1)
-        single = perturb(build_gpt(case), seed=8)
-        root = os.path.join(base, f"{case}_tp1")
-        single_dir = save_megatron_lm(single, root, ns)
-        hf = export_hf(root, root + "_hf")
-        log(f"ok {case} saved at TP=1: " + compare_saving_model(f"{case} TP=1", single, hf, ids, greedy=False))
-        ref_ns, ref_hf = ns, root + "_hf"
-        if tied:  # an untied copy for the pipeline (see the module doc)
-            ref_ns = case_args(case, untied=True)
-            single = perturb(build_gpt(case, untied=True), seed=9)
-            root = os.path.join(base, f"{case}_untied_tp1")
-            single_dir = save_megatron_lm(single, root, ref_ns)
-            hf = export_hf(root, root + "_hf")
-            msg = compare_saving_model(f"{case} untied TP=1", single, hf, ids, greedy=False)
-            log(f"ok {case} (untied) saved at TP=1: {msg}")
-            ref_hf = root + "_hf"
-        pipeline_resave(lambda pre, post: build_gpt(case, 2, 1, 2, pre, post, untied=tied), single_dir,
-                        os.path.join(base, f"{case}_tp2pp2"), ref_ns, ref_hf, case)  # fmt: skip
-
-
-def scenario_hybrid(base):
-    """HybridModel (megatron-core 0.19+)."""
-    from megatron_ultramem import compat
-
-    if compat._minor(compat.megatron_core_version()) < (0, 19):
-        log(f"ok HybridModel skipped: megatron-core {compat.megatron_core_version()} has none")
-        return
+def build_hybrid(mode, layers, pattern, tp=1, ep=1, pp=1, pre=True, post=True):
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     from megatron_ultramem.hybrid import get_ultramem_hybrid_stack_spec
 
-    ids = tokens()
+    cfg = small_config(num_layers=4, ultramem_mode=mode, ultramem_layers=layers,
+                       ultramem_value_dim=12, tensor_model_parallel_size=tp,
+                       expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
+                       ultramem_impl="auto", **({"pipeline_dtype": torch.float32} if pp > 1 else {}))  # fmt: skip
+    torch.manual_seed(0)
+    return HybridModel(config=cfg, hybrid_stack_spec=get_ultramem_hybrid_stack_spec(False),
+                       vocab_size=VOCAB, max_sequence_length=MAX_POS, hybrid_layer_pattern=pattern,
+                       position_embedding_type="rope", pre_process=pre, post_process=post,
+                       parallel_output=False).eval()  # fmt: skip
 
-    def build(mode, layers, pattern, tp=1, ep=1, pp=1, pre=True, post=True):
-        cfg = small_config(num_layers=4, ultramem_mode=mode, ultramem_layers=layers,
-                           ultramem_value_dim=12, tensor_model_parallel_size=tp,
-                           expert_model_parallel_size=ep, pipeline_model_parallel_size=pp,
-                           ultramem_impl="auto", **({"pipeline_dtype": torch.float32} if pp > 1 else {}))  # fmt: skip
-        torch.manual_seed(0)
-        return HybridModel(config=cfg, hybrid_stack_spec=get_ultramem_hybrid_stack_spec(False),
-                           vocab_size=VOCAB, max_sequence_length=MAX_POS, hybrid_layer_pattern=pattern,
-                           position_embedding_type="rope", pre_process=pre, post_process=post,
-                           parallel_output=False).eval()  # fmt: skip
 
+class Model:
+    """One model of the save checks: build(tp, ep, pp, pre, post) -> Megatron model; its
+    Megatron-LM arguments; which layouts it is saved at."""
+
+    def __init__(self, name, build, ns, tp2ep2=True, pp2=True, staged_build=None, staged_ns=None):
+        self.name, self.build, self.ns, self.tp2ep2, self.pp2 = name, build, ns, tp2ep2, pp2
+        self.staged_build, self.staged_ns = staged_build or build, staged_ns or ns
+        self.single_dir = self.single_hf = None
+
+
+def models():
+    from megatron_ultramem import compat
+
+    out = []
+    for case in CASES:
+        tied = CASES[case][1].get("share_embeddings_and_output_weights", False)
+        out.append(Model(case, lambda *a, case=case: build_gpt(case, *a), case_args(case), pp2=not tied))
+        if tied:  # the pipeline checks use an untied copy (see the module doc)
+            out.append(Model(f"{case} (untied)", lambda *a, case=case: build_gpt(case, *a, untied=True),
+                             case_args(case, untied=True), tp2ep2=False))  # fmt: skip
+    if compat._minor(compat.megatron_core_version()) < (0, 19):
+        log(f"ok HybridModel skipped: megatron-core {compat.megatron_core_version()} has none")
+        return out
     for mode, pattern, staged, layers in (("replace", "*E*E", "*E|*E", 1), ("parallel", "*-*-", "*-|*-", "[0,1,0,1]")):
         ns = argparse.Namespace(**{**BASE_ARGS, "hybrid_layer_pattern": pattern, "ultramem_mode": mode,
                                    "ultramem_layers": layers})  # fmt: skip
-        setup(2, 2)
-        model = perturb(build(mode, layers, pattern, 2, 2))
-        root = os.path.join(base, f"hybrid_{mode}_tp2ep2")
-        save_megatron_lm(model, root, ns)
+        out.append(Model(
+            f"HybridModel {mode} ({pattern})", lambda *a, m=mode, l=layers, p=pattern: build_hybrid(m, l, p, *a), ns,
+            staged_build=lambda *a, m=mode, l=layers, p=staged: build_hybrid(m, l, p, *a),
+            staged_ns=argparse.Namespace(**{**vars(ns), "hybrid_layer_pattern": staged}),
+        ))  # fmt: skip
+    return out
+
+
+def scenario_saves(base):
+    """Every model at TP=2 x EP=2, then TP=1, then TP=2 x PP=2 (one parallel-state setup per
+    layout: creating the process groups is most of a setup's cost)."""
+    ids = tokens()
+    todo = models()
+    setup(2, 2, 1)
+    for i, m in enumerate(todo):
+        if not m.tp2ep2:
+            continue
+        model = perturb(m.build(2, 2, 1))
+        root = os.path.join(base, f"model{i}_tp2ep2")
+        save_megatron_lm(model, root, m.ns)
         hf = export_hf(root, root + "_hf")
-        msg = compare_saving_model(f"hybrid {mode} TP=2 EP=2", model, hf, ids)
-        log(f"ok HybridModel {mode} ({pattern}) saved at TP=2 EP=2: {msg}")
-        setup(1, 1, 1)
-        single = perturb(build(mode, layers, pattern), seed=8)
-        root = os.path.join(base, f"hybrid_{mode}_tp1")
-        single_dir = save_megatron_lm(single, root, ns)
-        hf = export_hf(root, root + "_hf")
-        msg = compare_saving_model(f"hybrid {mode} TP=1", single, hf, ids, greedy=False)
-        log(f"ok HybridModel {mode} ({pattern}) saved at TP=1: {msg}")
-        staged_ns = argparse.Namespace(**{**vars(ns), "hybrid_layer_pattern": staged})
-        pipeline_resave(lambda pre, post: build(mode, layers, staged, 2, 1, 2, pre, post), single_dir,
-                        os.path.join(base, f"hybrid_{mode}_tp2pp2"), staged_ns, root + "_hf",
-                        f"HybridModel {mode} ({staged})")  # fmt: skip
+        log(f"ok {m.name} saved at TP=2 EP=2: " + compare_saving_model(f"{m.name} TP=2 EP=2", model, hf, ids))
+    setup(1, 1, 1)  # data parallel over the 4 ranks
+    for i, m in enumerate(todo):
+        model = perturb(m.build(1, 1, 1), seed=8)
+        root = os.path.join(base, f"model{i}_tp1")
+        m.single_dir, m.single_hf = save_megatron_lm(model, root, m.ns), root + "_hf"
+        hf = export_hf(root, m.single_hf)
+        log(f"ok {m.name} saved at TP=1: " + compare_saving_model(f"{m.name} TP=1", model, hf, ids, greedy=False))
+    from megatron.core import dist_checkpointing
+
+    setup(2, 1, 2)
+    stage = ps.get_pipeline_model_parallel_rank()
+    for i, m in enumerate(todo):
+        if not m.pp2:
+            continue
+        # the stages load the TP=1 checkpoint and save again: the export is the TP=1 export
+        model = m.staged_build(2, 1, 2, stage == 0, stage == 1)
+        state = dist_checkpointing.load(model.sharded_state_dict(), m.single_dir)
+        model.load_state_dict(state, strict=False)  # strict=False: the local layers' _extra_state
+        root = os.path.join(base, f"model{i}_tp2pp2")
+        save_megatron_lm(model, root, m.staged_ns)
+        export_hf(root, root + "_hf", load=False)
+        if rank() == 0 and not same_weights(root + "_hf", m.single_hf):
+            raise AssertionError(f"{m.name}: the export of the TP=2 x PP=2 checkpoint differs from the TP=1 one's")
+        torch.distributed.barrier()
+        log(f"ok {m.name} saved at TP=2 PP=2: export == the TP=1 export, bit for bit")
 
 
 def megatron_lm_gpt(args):
@@ -432,6 +430,7 @@ def scenario_load(base):
             "megatron.training's checkpoint loader needs on CPU")  # fmt: skip
         return
     cpu_compat.enable(training_loop=True)  # its torch.tensor(..., device='cuda') calls, on the CPU
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.training import get_args
     from megatron.training.checkpointing import load_checkpoint
@@ -448,7 +447,8 @@ def scenario_load(base):
         want = hf_logits(hf, ids)
     world = torch.distributed.get_world_size()
     for builder, ckpt, tp in (("pretrain", "pretrain", 1), ("pretrain", "pretrain", 2), ("megatron-lm", "megatron_lm", 2)):
-        destroy_global_vars()
+        destroy_global_vars()  # megatron.training's globals, set again by each parse
+        destroy_num_microbatches_calculator()
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         args = P.parse_args(LOAD_FLAGS + ["--tensor-model-parallel-size", str(tp), "--global-batch-size",
@@ -477,7 +477,7 @@ def main():
     cpu_compat.enable()
     torch.distributed.init_process_group("gloo")
     base = sys.argv[1]
-    for name in sys.argv[2:] or ("gpt", "hybrid", "load"):
+    for name in sys.argv[2:] or ("saves", "load"):
         globals()[f"scenario_{name}"](base)
         torch.distributed.barrier()
     log("PASSED")
