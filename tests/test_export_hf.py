@@ -264,14 +264,13 @@ def test_main_job_import_is_a_fresh_start(main_job, tmp_path):
 
 
 def test_main_job_resumes_from_an_import(main_job):
-    """The command import_hf prints for --for main-job runs: the main job resumes at iteration 0
+    """The main-job command import_hf gives for --for main-job runs: the main job resumes at iteration 0
     from the imported weights (4 trained steps: loss ~4.8, not a fresh init's ln 256 = 5.55)."""
+    from megatron_ultramem.import_hf import import_hf
+
     tmp = main_job
-    proc = _run("megatron_ultramem.import_hf", ["--hf", "hf", "--save", "ck_resume", "--for", "main-job",
-                                                "--", "--train-iters", "2"], tmp)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    flags = proc.stdout.split("load it with: python -m megatron_ultramem ")[1].split()
-    assert flags[-2:] == ["--load", "ck_resume"]
+    flags = import_hf(str(tmp / "hf"), str(tmp / "ck_resume"), "main-job", extra=["--train-iters", "2"], quiet=True)
+    assert flags[-2:] == ["--load", str(tmp / "ck_resume")]
     run = _run("megatron_ultramem", flags + ["--no-progress", "--eval-interval", "2", "--eval-iters", "1",
                                              "--output-dir", "resumed", "--threads", "1"], tmp)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
