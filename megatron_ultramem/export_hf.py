@@ -23,22 +23,18 @@ from typing import List, Optional
 
 import torch
 
+from .cli import ArgumentParser, BadInput, fail
 from .hf import checkpoint, folder, mapping
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class UsageError(Exception):
-    """A bad argument or input: printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the usage too)
-        raise UsageError(f"{self.prog}: {message}")
+class UsageError(BadInput):
+    """A bad argument or input: cli.fail prints it as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="python -m megatron_ultramem.export_hf",
         description="Export a Megatron checkpoint of an UltraMem GPT/HybridModel as a Hugging Face "
         "folder (trust_remote_code). Reads any TP x EP x PP layout.",
@@ -181,12 +177,11 @@ def export_after_training(args, step: int, model, optimizer, scheduler) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)  # a bad flag: one line, exit 2
     try:
-        args = build_parser().parse_args(argv)
         export(args.load, args.out, args.iteration, args.dtype, args.max_shard_size, args.force)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        fail(str(err))
     return 0
 
 

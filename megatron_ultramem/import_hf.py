@@ -32,7 +32,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .export_hf import UsageError, _Parser
+from .cli import ArgumentParser, fail
+from .export_hf import UsageError
 from .hf import checkpoint, folder, mapping
 
 TARGETS = ("pretrain", "megatron-lm", "main-job")
@@ -45,7 +46,7 @@ MAIN_JOB_MODEL_FLAGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m megatron_ultramem.import_hf",
+    p = ArgumentParser(prog="python -m megatron_ultramem.import_hf",
                 description="Write a Megatron distributed checkpoint from a folder written by "
                 "megatron_ultramem.export_hf.")  # fmt: skip
     p.add_argument("--hf", required=True, metavar="HF_DIR")
@@ -246,13 +247,29 @@ def main_job_args_for(cfg, extra: List[str]):
             setattr(args, k, v)
     for k, v in want.items():
         setattr(args, k, v)
-    if args.ultramem_mode != "skip":
-        args.ultramem_skip_units = train.DEFAULTS["ultramem_skip_units"]
+    if args.ultramem_mode != "skip":  # validate_args allows each only with its own mode
+        args.ultramem_skip_units = train.ULTRAMEM_DEFAULTS["ultramem_skip_units"]
+    else:
+        args.ultramem_layers = train.ULTRAMEM_DEFAULTS["ultramem_layers"]
     vocab = 256 if args.data_path is None else None
     if vocab is not None and cfg.vocab_size != vocab:
         raise UsageError(f"--for main-job: the embedded corpus has 256 tokens, the folder's model "
                          f"{cfg.vocab_size}; pass the run's --data-path after --")  # fmt: skip
     return args
+
+
+def validated_main_job_args(args):
+    """The main job's own checks (train.validate_args: cli.fail, one line, exit 2) on a one-process
+    copy of `args`: one process writes the checkpoint, and the TP/EP layout in the flags is the
+    loading job's to check against its world. The fields validate_args resolves (warmup, data
+    info) are copied back to `args`; returns the copy (TP = EP = 1) that builds the model."""
+    from . import train
+
+    local = copy.copy(args)
+    local.tensor_model_parallel_size = local.expert_model_parallel_size = 1
+    train.validate_args(local)
+    args.warmup_iters, args.data_info = local.warmup_iters, local.data_info
+    return local
 
 
 def write_main_job(cfg, hf: Dict[str, torch.Tensor], tmp: str, extra: List[str]) -> List[str]:
@@ -261,12 +278,7 @@ def write_main_job(cfg, hf: Dict[str, torch.Tensor], tmp: str, extra: List[str])
     from . import checkpointing, train
 
     args = main_job_args_for(cfg, extra)
-    try:
-        train.validate_args(args)
-    except SystemExit as err:
-        raise UsageError(str(err).replace("error: ", "main job flags after --: ", 1)) from None
-    local = copy.copy(args)  # one process writes; the flags record the layout that will load it
-    local.tensor_model_parallel_size = local.expert_model_parallel_size = 1
+    local = validated_main_job_args(args)
     torch.manual_seed(args.seed)
     config = train.make_config(local)
     vocab = train.vocab_size(local) if getattr(local, "data_info", None) else cfg.vocab_size
@@ -329,7 +341,7 @@ def import_hf(hf_dir: str, save: str, target: Optional[str] = None, force: bool 
     if missing:
         raise UsageError(f"--hf {hf_dir}: the weights lack {', '.join(missing[0])} (and {len(missing) - 1} more)")
     if target == "main-job":
-        main_job_args_for(cfg, extra)  # refuse before any work
+        validated_main_job_args(main_job_args_for(cfg, extra))  # refuse before any work
     _init_world()
     tmp = folder.temp_sibling(save)
     try:
@@ -355,12 +367,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
+    args = build_parser().parse_args(argv)  # a bad flag: one line, exit 2
     try:
-        args = build_parser().parse_args(argv)
         import_hf(args.hf, args.save, args.target, args.force, extra)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        fail(str(err))
     return 0
 
 

@@ -11,6 +11,8 @@ and the layout is irrelevant: dist_checkpointing stores every tensor as pieces o
 tensor, which are read back whole (the model's tensors only, not the optimizer's).
 """
 
+import contextlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -83,6 +85,20 @@ def _is_dist_checkpoint(path: str) -> bool:
         return False
 
 
+def _verify_manifest(load: str, path: str) -> None:
+    """A checkpoint with the main job's manifest.json (sizes and SHA-256 of its files) is verified
+    as the main job's --load verifies it: a missing, truncated or changed file is named."""
+    from .. import checkpointing
+
+    name = os.path.basename(os.path.normpath(path))
+    if not os.path.isfile(os.path.join(path, checkpointing.MANIFEST)) or not name.startswith("iter_"):
+        return
+    try:
+        checkpointing.verify_checkpoint(os.path.dirname(os.path.normpath(path)), int(name[len("iter_"):]))
+    except (checkpointing.CheckpointError, ValueError) as err:
+        raise CheckpointError(f"--load {load}: {err}; export another iteration with --iteration N") from None
+
+
 def read_source(load: str, iteration: Optional[int] = None) -> Source:
     """Identify the writer and describe the model; reads no tensor data."""
     path, it = resolve(load, iteration)
@@ -93,6 +109,7 @@ def read_source(load: str, iteration: Optional[int] = None) -> Source:
         )
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise CheckpointError(f"--load {load}: {path}/.metadata is missing: the checkpoint is partial")
+    _verify_manifest(load, path)
     state = os.path.join(path, MAIN_JOB_STATE)
     if os.path.isfile(state):
         try:
@@ -139,10 +156,13 @@ def _main_job_source(path: str, iteration, run_config: Dict) -> Source:
     from .mapping import desc_from_config
 
     args = main_job_args(run_config)
+    said = io.StringIO()
     try:
-        config = train.make_config(args)
-    except SystemExit as err:
-        raise CheckpointError(f"the main job's saved flags do not build a model: {err}") from None
+        with contextlib.redirect_stderr(said):  # make_config refuses through cli.fail: one line
+            config = train.make_config(args)
+    except SystemExit:
+        reason = said.getvalue().strip().removeprefix("error: ")
+        raise CheckpointError(f"{path}: the main job's saved flags do not build a model ({reason})") from None
     desc = desc_from_config(
         config, vocab_size=None, max_sequence_length=args.seq_length,
         position_embedding_type="rope", share_embeddings=False,
