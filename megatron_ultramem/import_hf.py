@@ -209,6 +209,12 @@ def write_pretrain(cfg, hf: Dict[str, torch.Tensor], tmp: str, megatron_lm: bool
     return ["--load", "<CKPT_DIR>"]
 
 
+def given_flags(extra: List[str], names) -> List[str]:
+    """The argparse names (dest) of `names` that `extra` sets (`--flag value` or `--flag=value`)."""
+    words = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
+    return [k for k in names if f"--{k.replace('_', '-')}" in words]
+
+
 def main_job_args_for(cfg, extra: List[str]):
     """The main job's flags for this model: the export's recorded flags (or the defaults), the
     model's architecture from the folder, then `extra`. Refuses a model the main job cannot build
@@ -240,11 +246,11 @@ def main_job_args_for(cfg, extra: List[str]):
     parser = train.build_parser()
     parser.error = lambda message: (_ for _ in ()).throw(UsageError(f"main job flags after --: {message}"))
     given = parser.parse_args(extra)
-    for k, v in vars(given).items():
-        if f"--{k.replace('_', '-')}" in " ".join(extra).split() or any(a.startswith(f"--{k.replace('_', '-')}=") for a in extra):
-            if k in want and v != want[k] and str(v) != str(want[k]):
-                raise UsageError(f"--{k.replace('_', '-')} {v}: the folder's model has {want[k]!r}")
-            setattr(args, k, v)
+    for k in given_flags(extra, vars(given)):
+        v = getattr(given, k)
+        if k in want and v != want[k] and str(v) != str(want[k]):
+            raise UsageError(f"--{k.replace('_', '-')} {v}: the folder's model has {want[k]!r}")
+        setattr(args, k, v)
     for k, v in want.items():
         setattr(args, k, v)
     if args.ultramem_mode != "skip":  # validate_args allows each only with its own mode
@@ -314,14 +320,19 @@ def write_main_job(cfg, hf: Dict[str, torch.Tensor], tmp: str, extra: List[str])
     extra_state = {"run_config": train.run_config(args), "consumed_samples": 0,
                    "history": {"steps": [], "losses": [], "eval_steps": [], "eval_losses": []}}  # fmt: skip
     checkpointing.save_checkpoint(tmp, 0, model, optimizer, scheduler, extra_state)
+    # the model- and data-defining flags that differ from the defaults, then the user's own flags
+    # (--train-iters and the like are not in run_config: they may change on resume)
     flags = []
     defaults = vars(train.build_parser().parse_args([]))
-    for k, v in sorted(train.run_config(args).items()):
+    config = train.run_config(args)
+    for k in given_flags(extra, config):
+        config.pop(k)
+    for k, v in sorted(config.items()):
         if v != defaults.get(k) and v is not None and not isinstance(v, bool):
             flags += [f"--{k.replace('_', '-')}", str(v)]
         elif v is True and defaults.get(k) is False:
             flags.append(f"--{k.replace('_', '-')}")
-    return flags + ["--load", "<CKPT_DIR>"]
+    return flags + list(extra) + ["--load", "<CKPT_DIR>"]
 
 
 def import_hf(hf_dir: str, save: str, target: Optional[str] = None, force: bool = False,

@@ -236,7 +236,7 @@ def test_main_job_import_is_a_fresh_start(main_job, tmp_path):
     ck = str(tmp_path / "ck")
     import_hf(str(tmp / "hf"), ck, "main-job", extra=["--train-iters", "6"], quiet=True)
     args = main_job_args(checkpointing.read_state(ck, 0)["run_config"])
-    assert args.train_iters == 6
+    args.train_iters = 6  # not in run_config (it may grow on resume): the resuming run's flag
     model, ddp, optimizer, scheduler = _main_job_stack(args)
     checkpointing.load_checkpoint(ck, 0, model, optimizer, scheduler)
     end = copy.copy(args)
@@ -277,16 +277,6 @@ def test_main_job_resumes_from_an_import(main_job):
     metrics = json.loads((tmp / "resumed" / "metrics.json").read_text())
     assert metrics["resumed_from_iteration"] == 0 and len(metrics["train_loss"]) == 2
     assert metrics["initial_train_loss"] < 5.3
-
-
-def test_compare_refuses_export_hf(tmp_path):
-    """--compare trains two models (one is a MoE): --export-hf is refused before any work."""
-    from megatron_ultramem import train
-
-    with pytest.raises(SystemExit, match="--compare does not take --export-hf"):
-        train.main(["--compare", "--export-hf", str(tmp_path / "hf"), "--no-progress",
-                    "--output-dir", str(tmp_path / "run")])  # fmt: skip
-    assert os.listdir(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- Megatron-LM's form

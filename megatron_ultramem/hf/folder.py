@@ -38,7 +38,7 @@ def parse_size(text: str) -> int:
     return size
 
 
-def check_output(out: str, force: bool, flag: str = "--out") -> None:
+def check_output(out: str, force: bool, flag: str = "--out", hint: str = "pass --force to replace it") -> None:
     """Refuse before any work: an existing non-empty folder without --force, a file in the way,
     or a parent where nothing can be written. Creates nothing."""
     path = os.path.abspath(out)
@@ -46,7 +46,7 @@ def check_output(out: str, force: bool, flag: str = "--out") -> None:
         if not os.path.isdir(path):
             raise FolderError(f"{flag} {out}: exists and is not a directory")
         if os.listdir(path) and not force:
-            raise FolderError(f"{flag} {out}: exists and is not empty (pass --force to replace it)")
+            raise FolderError(f"{flag} {out}: exists and is not empty ({hint})")
     parent = os.path.dirname(path)
     probe = parent
     while not os.path.exists(probe):
