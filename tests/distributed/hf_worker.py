@@ -68,9 +68,12 @@ def rank() -> int:
     return torch.distributed.get_rank()
 
 
+T0 = time.perf_counter()
+
+
 def log(*a):
     if rank() == 0:
-        print(*a, flush=True)
+        print(*a, f"[{time.perf_counter() - T0:.1f} s; rank 0 CPU {time.process_time():.1f} s]", flush=True)
 
 
 def setup(tp=1, ep=1, pp=1):
