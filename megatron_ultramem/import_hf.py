@@ -275,6 +275,7 @@ def validated_main_job_args(args):
     local.tensor_model_parallel_size = local.expert_model_parallel_size = 1
     train.validate_args(local)
     args.warmup_iters, args.data_info = local.warmup_iters, local.data_info
+    train.make_config(args)  # the model at the flags' TP x EP (heads, value table): refused naming the flag
     return local
 
 

@@ -473,6 +473,8 @@ CASES = [
     Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--hidden-size", "64"], ("--hidden-size 64: the folder's model has 32",), setup="hf"),
     Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--lr", "abc"], ("main job flags after --", "--lr", "'abc'"), setup="hf"),
     Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--lr", "0.1", "--min-lr", "1"], ("--min-lr 1.0", "<= --lr"), setup="hf"),
+    Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--tensor-model-parallel-size", "3"], ("--num-attention-heads (2)", "--tensor-model-parallel-size (3)"), setup="hf"),
+    Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--expert-model-parallel-size", "128"], ("--ultramem-value-dim", "1 x 128"), setup="hf"),
     # ------------------------------------------------------------ launch/*.sh (real bash processes)
     Case("single", MOE, ("DRY_RUN=true", "allowed 1"), env={**LAUNCH, "DRY_RUN": "true"}, setup="checkout", issue=True),
     Case("single", MOE, ("NPROC_PER_NODE=abc", "integer >= 1"), env={**LAUNCH, "NPROC_PER_NODE": "abc"}, setup="checkout", issue=True),
