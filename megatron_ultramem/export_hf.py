@@ -140,16 +140,6 @@ def export(load: str, out: str, iteration: Optional[int] = None, dtype: str = "a
 
 
 # ----------------------------------------------------------------------------- the main job
-def output_folder_arg(text: str) -> str:
-    """argparse type of the main job's --export-hf DIR: refused at parse time (exit 2, before any
-    training) when it is not empty or cannot be written."""
-    try:
-        folder.check_output(text, force=False, flag="--export-hf", hint="empty it or name another folder")
-    except folder.FolderError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
 def export_after_training(args, step: int, model, optimizer, scheduler) -> None:
     """The main job's --export-hf DIR: export the trained model (a collective: every rank calls).
 

@@ -55,6 +55,18 @@ def check_output(out: str, force: bool, flag: str = "--out", hint: str = "pass -
         raise FolderError(f"{flag} {out}: {probe} is not a writable directory")
 
 
+def output_folder_arg(text: str) -> str:
+    """argparse type of the main job's --export-hf DIR: refused at parse time (exit 2, before any
+    training) when it is not empty or cannot be written."""
+    import argparse
+
+    try:
+        check_output(text, force=False, flag="--export-hf", hint="empty it or name another folder")
+    except FolderError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def temp_sibling(out: str) -> str:
     path = os.path.abspath(out)
     os.makedirs(os.path.dirname(path), exist_ok=True)
