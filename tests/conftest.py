@@ -52,3 +52,45 @@ def megatron_world():
         parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
     yield
+
+
+# ---------------------------------------------------------------------- a main-job checkpoint
+TINY_RUN = [
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size", "64",
+    "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "2", "--eval-interval", "2",
+    "--eval-iters", "1", "--ultramem-layers", "[0,1]", "--ultramem-num-keys", "8",
+    "--ultramem-key-dim", "8", "--ultramem-topm", "4", "--no-progress", "--threads", "1",
+]  # fmt: skip
+"""A main job small enough to run in seconds; its checkpoints (iterations 1 and 2) serve the
+checkpoint tests and the bad-input table's damaged-checkpoint rows."""
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(directory with iterations 1 and 2 of TINY_RUN, the flags it was written with)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("tiny_checkpoint")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_ultramem", *TINY_RUN, "--save", str(root / "ck"),
+         "--save-interval", "1", "--output-dir", str(root / "out")],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(root / "ck"), list(TINY_RUN)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory):
+    """(the Hugging Face folder of tiny_checkpoint's latest iteration, a `--for pretrain` import of
+    it: a Megatron-LM-style release checkpoint). Needs the `hf` extra."""
+    pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
+    from megatron_ultramem.export_hf import export
+    from megatron_ultramem.import_hf import import_hf
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    export(tiny_checkpoint[0], str(root / "hf"), quiet=True)
+    import_hf(str(root / "hf"), str(root / "pre"), "pretrain", quiet=True)
+    return str(root / "hf"), str(root / "pre")

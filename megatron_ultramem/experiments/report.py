@@ -45,21 +45,42 @@ def versions() -> Dict[str, str]:
 
 
 PLACEHOLDERS = {"--work": "W"}
-"""Flags whose value is a folder of this machine: recorded as a placeholder (any folder will do)."""
+"""Flags whose value is a folder of this machine, and the placeholder a results file records
+(readme.py also rewrites files written before command_line did)."""
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def portable(args) -> List[str]:
+    """Arguments with no path of this machine: absolute paths inside the repository become
+    relative to its root; outside it, `--work`'s value becomes W (the README's name for the run
+    cache) and any other one DIR."""
+    out, previous = [], None
+    for arg in args:
+        if os.path.isabs(arg):
+            inside = os.path.relpath(arg, REPO_ROOT)
+            if not inside.startswith(".."):
+                arg = inside
+            else:
+                arg = PLACEHOLDERS.get(previous, "DIR")
+        out.append(arg)
+        previous = arg
+    return out
 
 
 def command_line() -> str:
-    """The command as typed, `python -m megatron_ultramem.experiments ...`, with the run-cache
-    folder written as its placeholder (`--work W`): results files hold no path of this machine."""
-    args, out = sys.argv[1:], []
-    for i, a in enumerate(args):
-        flag = a.split("=", 1)[0]
-        if flag in PLACEHOLDERS and "=" in a:
-            a = f"{flag}={PLACEHOLDERS[flag]}"
-        elif i > 0 and args[i - 1] in PLACEHOLDERS:
-            a = PLACEHOLDERS[args[i - 1]]
-        out.append(shlex.quote(a))
-    return " ".join(["python -m megatron_ultramem.experiments"] + out)
+    """The command as typed: `python -m megatron_ultramem.experiments ...` (portable paths)."""
+    return "python -m megatron_ultramem.experiments " + " ".join(
+        shlex.quote(a) for a in portable(sys.argv[1:])
+    )
+
+
+def _where() -> str:
+    rel = os.path.relpath(os.getcwd(), REPO_ROOT)
+    if rel == ".":
+        return "the repository root"
+    return f"`{rel}` in the repository" if not rel.startswith("..") else "outside the repository"
 
 
 def header(title: str, command: str, load_before: str, load_after: str) -> List[str]:
@@ -82,8 +103,7 @@ def header(title: str, command: str, load_before: str, load_after: str) -> List[
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "",
-        f"Command (from {'the repository root' if os.path.exists('pyproject.toml') else 'outside the repository'}): "
-        f"`{command}`",
+        f"Command (from {_where()}): `{command}`",
         "",
         "Machine load (`uptime`; the 2 cores are shared with other engineers' processes):",
         f"- before: `{load_before}`",
