@@ -239,9 +239,15 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "evidence_capacity_cpu_quick.md").read_text()
     assert "--work W" in md and work not in md and "load average" in md and "lscpu" in md
+    # exposures per fact (statements of it read in a run) at each F, from the quick settings
+    from megatron_ultramem.experiments.__main__ import build_parser
+
+    base = capacity.base_from_args(build_parser().parse_args(["capacity", "--quick", "--work", work]))
+    small, large = (capacity.exposures_read(capacity.settings_for(F, base)) for F in capacity.QUICK_FACTS)
+    assert small > large  # fewer facts, same tokens: more statements of each
     for name in ("ultramem", "moe", "pkm", "dense"):
-        assert f"| {capacity.QUICK_FACTS[0]} | 2 | {name} | 1 |" in md
-        assert f"| {capacity.QUICK_FACTS[-1]} | 1 | {name} | 2 |" in md
+        assert f"| {capacity.QUICK_FACTS[0]} | {small:.0f} | {name} | 1 |" in md
+        assert f"| {capacity.QUICK_FACTS[-1]} | {large:.0f} | {name} | 2 |" in md
     assert (out / "evidence_capacity_cpu_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     blob = json.loads((out / "evidence_capacity_cpu_quick.json").read_text())
     assert blob["facts"] == list(capacity.QUICK_FACTS) and blob["corpus_seed"] == 0

@@ -58,6 +58,11 @@ def portable(args) -> List[str]:
     cache) and any other one DIR."""
     out, previous = [], None
     for arg in args:
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("--") and os.path.isabs(value):  # --work=/path
+            out.append(f"{flag}={PLACEHOLDERS.get(flag, 'DIR')}")
+            previous = arg
+            continue
         if os.path.isabs(arg):
             inside = os.path.relpath(arg, REPO_ROOT)
             if not inside.startswith(".."):
