@@ -165,6 +165,7 @@ def test_verdict_is_beyond_the_seed_spread_only():
     assert capacity.verdict([0.3, 0.4], [0.5, 0.6])["verdict"] == "loss"
     assert capacity.verdict([0.3, 0.6], [0.4, 0.5])["verdict"] == "tie"
     assert capacity.verdict([0.4, 0.5], [0.5, 0.6])["verdict"] == "tie"  # touching: not beyond
+    assert capacity.verdict([0.9], [0.1, 0.2])["verdict"] == "one seed"  # no spread on one side
     low = capacity.verdict([1.0, 1.1], [2.0, 2.5], higher_is_better=False)  # a loss: lower wins
     assert low["verdict"] == "win" and low["diff"] == pytest.approx(1.05 - 2.25)
     c = capacity.verdict([1.0, 2.0, 3.0], [2.0, 3.0, 4.0])

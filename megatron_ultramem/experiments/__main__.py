@@ -30,6 +30,7 @@ the README's results table from the results files' JSON (`--check`: fail if it i
 """
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
@@ -142,49 +143,26 @@ def validate(args) -> None:
         train.parse_args(flags)  # the main job's own check of its flags (exit status 2)
 
 
+HANDLERS = {  # command -> (module of this package, its function taking the parsed args)
+    "quality": ("quality", "main"),
+    "ablations": ("ablations", "main"),
+    "scaling": ("scaling", "main"),
+    "capacity": ("capacity", "main"),
+    "capacity-scaling": ("capacity", "scaling_main"),
+    "capacity-diagnosis": ("capacity", "diagnosis_main"),
+    "capacity-levers": ("capacity", "levers_main"),
+    "mainjob": ("mainjob", "main"),
+    "readme": ("readme", "main"),
+    "decode": ("decode", "main"),
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
-    if args.command == "quality":
-        from . import quality
-
-        return quality.main(args)
-    if args.command == "ablations":
-        from . import ablations
-
-        return ablations.main(args)
-    if args.command == "scaling":
-        from . import scaling
-
-        return scaling.main(args)
-    if args.command == "capacity":
-        from . import capacity
-
-        return capacity.main(args)
-    if args.command == "capacity-scaling":
-        from . import capacity
-
-        return capacity.scaling_main(args)
-    if args.command == "capacity-diagnosis":
-        from . import capacity
-
-        return capacity.diagnosis_main(args)
-    if args.command == "capacity-levers":
-        from . import capacity
-
-        return capacity.levers_main(args)
-    if args.command == "mainjob":
-        from . import mainjob
-
-        return mainjob.main(args)
-    if args.command == "readme":
-        from . import readme
-
-        return readme.main(args)
-    if args.command == "decode":
-        from . import decode
-
-        return decode.main(args)
+    if args.command in HANDLERS:  # imported on use: each command pulls in only what it needs
+        module, function = HANDLERS[args.command]
+        return getattr(importlib.import_module(f".{module}", __package__), function)(args)
     from . import configs
 
     return configs.main((["--quick"] if args.quick else []) + (["--build"] if args.build else []))

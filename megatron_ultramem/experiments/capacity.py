@@ -217,10 +217,12 @@ def summary(rs: Sequence[Dict]) -> Dict:
 
 def verdict(a: Sequence[float], b: Sequence[float], higher_is_better: bool = True) -> Dict:
     """a vs b: 'win' when every value of a is better than every value of b, 'loss' the other way,
-    else 'tie' (the seed spreads overlap); with mean(a) - mean(b) and, for >= 2 values a side,
+    else 'tie' (the seed spreads overlap); 'one seed' when a side has a single value; with mean(a) - mean(b) and, for >= 2 values a side,
     quality.compare's pooled std and Welch t."""
     better = (lambda x, y: x > y) if higher_is_better else (lambda x, y: x < y)
-    if better(min(a) if higher_is_better else max(a), max(b) if higher_is_better else min(b)):
+    if min(len(a), len(b)) < 2:
+        word = "one seed"  # no seed spread to be beyond: a difference, not a verdict
+    elif better(min(a) if higher_is_better else max(a), max(b) if higher_is_better else min(b)):
         word = "win"
     elif better(min(b) if higher_is_better else max(b), max(a) if higher_is_better else min(a)):
         word = "loss"
@@ -909,13 +911,19 @@ def diagnosis_main(args) -> int:
                 + (f"| {100 * c['diff']:+.1f} pts | {c['verdict']} " if c else "| - | - ")
                 + f"| {_num(p['value_nats'], 2)} |"
             )
-    helped = [n for n, c in changes.items() if c["vs_ultramem"] and c["vs_ultramem"]["verdict"] == "win"]
-    hurt = [n for n, c in changes.items() if c["vs_ultramem"] and c["vs_ultramem"]["verdict"] == "loss"
-            and n not in ("moe", "dense")]  # fmt: skip
-    lines += ["", "## What changed the result", "",
-              f"- Beyond the seed spread above `ultramem`: {', '.join(f'`{n}`' for n in helped) or 'none'}.",
-              f"- Beyond the seed spread below it: {', '.join(f'`{n}`' for n in hurt) or 'none'}.",
-              "- Everything else: within the seed spread (no change measured at this many seeds).", "",
+    def moved(word):  # the changes (not the moe / dense references) with this verdict vs `ultramem`
+        return [n for n, c in changes.items() if c["vs_ultramem"] and c["vs_ultramem"]["verdict"] == word
+                and n not in ("moe", "dense")]  # fmt: skip
+    helped, hurt = moved("win"), moved("loss")
+    lines += ["", "## What changed the result", ""]
+    if min(p["seeds"] for p in rows.values()) < 2:
+        lines += ["- One seed per variant: the differences above are not verdicts (no seed spread to be "
+                  "beyond); rerun with `--seeds 2` or more.", ""]
+    else:
+        lines += [f"- Beyond the seed spread above `ultramem`: {', '.join(f'`{n}`' for n in helped) or 'none'}.",
+                  f"- Beyond the seed spread below it: {', '.join(f'`{n}`' for n in hurt) or 'none'}.",
+                  "- Everything else: within the seed spread (no change measured at this many seeds).", ""]
+    lines += [
               "## Per run", "", *per_run_lines(results, key=lambda r: "")]  # fmt: skip
     md = os.path.join(args.out, f"{name}.md")
     report.write_report(

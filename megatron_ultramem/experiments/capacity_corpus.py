@@ -27,7 +27,6 @@ decoding would write the value (chance 10^-value_digits). `digit_accuracy` is th
 right under the same teacher forcing (chance 10%).
 """
 
-import os
 import random
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
@@ -35,6 +34,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from .. import data
+from .corpus import FactCorpus
 
 Fact = Tuple[str, str]  # (entity, value)
 
@@ -85,29 +85,13 @@ def _split(form: str, ent: str) -> Tuple[str, str]:
 
 
 @dataclass
-class CapacityCorpus:
+class CapacityCorpus(FactCorpus):
+    """The general-text corpus' container (tokens, write_indexed) over (entity, value) facts."""
+
     spec: CapacitySpec
-    train_text: str
-    valid_text: str
     facts: List[Fact]
     probe_facts: List[Fact]  # question form never in training
     seen_facts: List[Fact]  # question form in training at least once
-    valid_value_spans: List[Tuple[int, int]]  # (start, end) of every value in valid_text
-
-    def tokens(self, split: str) -> torch.Tensor:
-        text = {"train": self.train_text, "valid": self.valid_text}[split]
-        return torch.tensor(list(text.encode("ascii")), dtype=torch.int64)
-
-    def write_indexed(self, folder: str) -> Dict[str, str]:
-        """Megatron indexed datasets `folder/train`, `folder/valid` (one document per line)."""
-        from ..data_pipeline import write_indexed_corpus
-
-        prefixes = {}
-        for split in ("train", "valid"):
-            prefix = os.path.join(folder, split)
-            write_indexed_corpus(self.tokens(split), prefix)
-            prefixes[split] = prefix
-        return prefixes
 
     @property
     def train_statements(self) -> int:

@@ -58,7 +58,7 @@ def _source(blob: Dict) -> str:
 
 
 def _word(verdict: str) -> str:
-    return {"win": "**win**", "loss": "**loss**", "tie": "tie"}[verdict]
+    return {"win": "**win**", "loss": "**loss**", "tie": "tie", "one seed": "one seed, no verdict"}[verdict]
 
 
 def _welch_word(diff: float, t: float, lower_is_better: bool) -> str:
@@ -174,6 +174,25 @@ def capacity_row(r: Dict) -> List[str]:
             "capacity-bound fact count (win/loss: all seeds beyond the other's)", "; ".join(parts) or "no capacity-bound point"]
 
 
+def capacity_tuned_row(r: Dict) -> List[str]:
+    """`ultramem_tuned` (the tuning split's choices) against the others at each capacity-bound F."""
+    pts, cmp = r["points"], r.get("tuned_comparisons", {})
+    parts = []
+    for F in map(str, r["capacity_bound"]):
+        p, c = pts[F], cmp.get(F, {})
+        if "ultramem_tuned" not in p or "moe" not in c:
+            continue
+        key = "recall_trained_forms"
+        words = "; ".join(f"vs {n}: {_word(c[n][key]['verdict'])}"
+                          + (f", Welch t {c[n][key]['welch_t']:+.1f}" if "welch_t" in c[n][key] else "")
+                          for n in c)  # fmt: skip
+        parts.append(f"F={F} (n={p['ultramem_tuned']['seeds']}): tuned UltraMem {_pm(p['ultramem_tuned'][key])}, "
+                     f"MoE {_pm(p['moe'][key])}, paper-default UltraMem {_pm(p['ultramem'][key])} ({words})")  # fmt: skip
+    return ["knowledge capacity, UltraMem with the tuning split's choices (value-table LR x4 constant, "
+            "the reference init, m=12; chosen on corpus seed 1, verdict on seed 0): recall in trained "
+            "forms at each capacity-bound fact count", "; ".join(parts) or "not run"]
+
+
 def capacity_heldout_row(r: Dict) -> List[str]:
     pts, cmp = r["points"], r["comparisons"]
     parts = []
@@ -210,14 +229,20 @@ def capacity_scaling_row(r: Dict) -> List[str]:
 
 
 def capacity_diagnosis_row(r: Dict) -> List[str]:
-    v, c = r["variants"], r["comparisons"]
+    v = r["variants"]
     base, moe = v["ultramem"]["recall_trained_forms"], v["moe"]["recall_trained_forms"]
+    changes = [n for n in v if n not in ("ultramem", "moe", "dense")]
+    seeds = min(v[n]["seeds"] for n in v)
     def name(n): return f"`{n}` {_pm(v[n]['recall_trained_forms'])}"
-    text = (f"tuning split (corpus seed {r['corpus_seed']}, F={r['facts']}): UltraMem {_pm(base)} vs "
-            f"MoE {_pm(moe)}. Changed the result (beyond the seed spread): "
-            f"{', '.join(name(n) for n in r['helped']) or 'nothing'} higher; "
-            f"{', '.join(name(n) for n in r['hurt']) or 'nothing'} lower; within the spread: "
-            + ", ".join(name(n) for n in v if n not in r["helped"] + r["hurt"] + ["ultramem", "moe", "dense"]))
+    def names(ns): return ", ".join(name(n) for n in ns) or "none"
+    helped = [n for n in r["helped"] if n in changes]
+    hurt = [n for n in r["hurt"] if n in changes]
+    text = f"tuning split (corpus seed {r['corpus_seed']}, F={r['facts']}, {seeds} seed(s) each): UltraMem {_pm(base)} vs MoE {_pm(moe)}. "
+    if seeds < 2:
+        text += "One seed: differences, no verdicts: " + names(changes)
+    else:
+        text += (f"Changed the result (every seed beyond every seed of `ultramem`): higher {names(helped)}; "
+                 f"lower {names(hurt)}; within the spread: {names([n for n in changes if n not in helped + hurt])}")
     if r.get("longer"):
         L = r["longer"]
         text += (f". At {r['exposures_mult']}x the tokens: " + ", ".join(
@@ -249,6 +274,7 @@ ROWS = (
     ("evidence_capacity_levers_cpu.json", capacity_levers_row),
     ("evidence_capacity_cpu.json", capacity_learnable_row),
     ("evidence_capacity_cpu.json", capacity_row),
+    ("evidence_capacity_cpu.json", capacity_tuned_row),
     ("evidence_capacity_cpu.json", capacity_heldout_row),
     ("evidence_capacity_scaling_cpu.json", capacity_scaling_row),
     ("evidence_capacity_diagnosis_cpu.json", capacity_diagnosis_row),
