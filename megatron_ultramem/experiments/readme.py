@@ -237,7 +237,7 @@ def capacity_diagnosis_row(r: Dict) -> List[str]:
     def names(ns): return ", ".join(name(n) for n in ns) or "none"
     helped = [n for n in r["helped"] if n in changes]
     hurt = [n for n in r["hurt"] if n in changes]
-    text = f"tuning split (corpus seed {r['corpus_seed']}, F={r['facts']}, {seeds} seed(s) each): UltraMem {_pm(base)} vs MoE {_pm(moe)}. "
+    text = f"tuning split (corpus seed {r['corpus_seed']}, F={r['facts']}, {seeds} seed{'s' if seeds > 1 else ''} each): UltraMem {_pm(base)} vs MoE {_pm(moe)}. "
     if seeds < 2:
         text += "One seed: differences, no verdicts: " + names(changes)
     else:
