@@ -111,7 +111,7 @@ def test_forward_split_matches_reference(case, dtype, split):
     T, M, N, Dv, h, E = case
     rows, blocks, scores, values = make_inputs(case, dtype, seed=7)
     if split is None:
-        cfg = G.forward_config(T, M, Dv, E, values.element_size(), G.num_sms(values.device))
+        cfg = G.forward_config(T, M, Dv, E, values.element_size(), G.num_sms(values.device), h)
         assert cfg.split > 1, cfg
     out = G.gather_pool_forward(rows, blocks, scores, values, E, split=split)
     assert out.shape == (T, E, Dv) and out.dtype == dtype
@@ -129,7 +129,7 @@ def test_split_forward_under_autograd():
     case = SPLIT_CASES[0]
     T, M, N, Dv, h, E = case
     rows, blocks, scores, values = make_inputs(case, torch.float32, seed=8)
-    assert G.forward_config(T, M, Dv, E, 4, G.num_sms(values.device)).split > 1
+    assert G.forward_config(T, M, Dv, E, 4, G.num_sms(values.device), h).split > 1
     grad_out = randn(T, E, Dv, seed=103)
     gs, gv = grads_of(gather_pool, rows, blocks, scores, values, E, grad_out)
     gs64, gv64 = grads_of(
@@ -140,30 +140,35 @@ def test_split_forward_under_autograd():
 
 
 def test_forward_config_table():
-    """The launch table's invariants (pure arithmetic, no kernel): register tile <= 4096 fp32,
-    rows read in >= 128-byte segments when narrowed, splits only while programs < TARGET, chunks
-    of >= 2*UNROLL selections, workspace < 2 * TARGET * E_PAD * BLOCK_D * 4 bytes, and training
-    sizes keep the single-pass kernel at its widest block."""
+    """The launch table's invariants (pure arithmetic, no kernel): a warp reads 16-byte row
+    vectors (BLOCK_D x TOKENS = 32 x 16 / elt columns, BLOCK_D within the core), the one-hot tile
+    within ONEHOT_MAX_ACC accumulators per thread and larger E on the sorted path, splits only
+    while the programs fall short of TARGET, in chunks of >= 2 * UNROLL and at most sqrt(M)
+    splits, and training sizes single-pass."""
     sms = 132
     target = G.PROGRAMS_PER_SM * sms
     for T in (1, 2, 3, 7, 16, 33, 64, 100, 257, 1000, 4096, 8192):
         for M in (1, 7, 160, 1536):
-            for Dv in (16, 48, 300, 1024):
+            for Dv, h in ((16, 1), (48, 2), (300, 2), (1024, 2), (128, 1)):
                 for E in (1, 4, 9, 16):
                     for elt in (2, 4, 8):
-                        c = G.forward_config(T, M, Dv, E, elt, sms)
-                        e_pad = G._next_pow2(E)
-                        widest = G._block_d(Dv, max(16, min(256, 4096 // e_pad)))
-                        assert e_pad * c.block_d <= 4096 and 16 <= c.block_d <= widest
-                        assert c.block_d == widest or c.block_d * elt >= 128
-                        programs = T * -(-Dv // c.block_d)
-                        assert c.block_d == widest or programs < 2 * target
+                        c = G.forward_config(T, M, Dv, E, elt, sms, h)
+                        vec, DH = 16 // elt, Dv // h
+                        onehot_fits = G._next_pow2(E) * vec <= G.ONEHOT_MAX_ACC
+                        assert c.path == ("onehot" if onehot_fits else "sorted"), (c, E, elt)
+                        assert c.block_d == max(16, min(G._next_pow2(DH), 32 * vec))
+                        if c.path == "sorted":
+                            assert c.split == 1 and 2 * c.unroll <= c.seg <= G.SEG_MAX
+                            continue
+                        assert c.tokens == max(1, 32 * vec // c.block_d)
+                        programs = -(-T // c.tokens) * h * -(-DH // c.block_d)
                         if c.split > 1:
-                            assert programs < target and M // c.split >= 2 * c.unroll
-                            ws = c.split * T * E * Dv * 4
-                            assert ws < 2 * target * e_pad * c.block_d * 4 * 2  # Dv tail slack
-    big = G.forward_config(8192, 160, 1024, 4, 2, sms)
-    assert big.split == 1 and big.block_d == 256
+                            assert programs < target
+                            assert M // c.split >= 2 * c.unroll and c.split <= M**0.5
+    big = G.forward_config(8192, 160, 1024, 4, 2, sms, 2)
+    assert big == G.ForwardLaunch("onehot", 256, 1, 4, 1, 0, 1, 1)
+    assert G.forward_config(8192, 160, 1024, 16, 2, sms, 2).path == "sorted"  # bf16, E = 16
+    assert G.forward_config(8192, 160, 128, 4, 2, sms, 1).tokens == 2  # narrow core (TP = 8)
 
 
 def grads_of(fn, rows, blocks, scores, values, E, grad_out):
@@ -172,10 +177,12 @@ def grads_of(fn, rows, blocks, scores, values, E, grad_out):
     return s.grad, v.grad
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_matches_reference(case, dtype, deterministic):
+    """fp32/fp64 tables: the atomic kernel by default, the segmented sum when deterministic;
+    bf16/fp16 tables: the segmented sum either way (into a zeroed gradient)."""
     T, M, N, Dv, h, E = case
     rows, blocks, scores, values = make_inputs(case, dtype, seed=1)
     grad_out = randn(T, E, Dv, seed=100)
@@ -233,6 +240,113 @@ def test_deterministic_is_bitwise_reproducible(dtype):
     )
     _, gv_t = grads_of(R.weighted_gather_pool, rows, blocks, scores, values, E, grad_out)
     assert err(gv1, gv64) <= 2 * err(gv_t, gv64) + ATOL[dtype]
+
+
+# ----------------------------------------------------------------------------- segmented sum
+def hot_inputs(dtype, seed=30):
+    """11,000 selections (T = 100 tokens x M = 110) of which 10,000 choose row 3 (one hot row,
+    spread over 20 blocks of 512 sorted entries), the rest rows 0..14; rows 15..29 are never
+    chosen. Dv = 4 (one core: one column chunk) keeps the interpreter fast."""
+    T, M, N, Dv, h, E = 100, 110, 30, 4, 1, 3
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, 15, (T * M,), generator=g)
+    rows[torch.randperm(T * M, generator=g)[:10_000]] = 3
+    rows = rows.view(T, M)
+    blocks = torch.randint(0, E, (T, M), generator=g)
+    scores = torch.randn(T, M, h, generator=g, dtype=torch.float64)
+    values = torch.randn(N, Dv, generator=g, dtype=torch.float64)
+    grad = torch.randn(T, E, Dv, generator=g, dtype=torch.float64)
+    cast = lambda x, d: x.to(DEVICE, d)  # noqa: E731
+    return (T, M, N, Dv, h, E), cast(rows, torch.int64), cast(blocks, torch.int64), \
+        cast(scores, dtype), cast(values, dtype), cast(grad, torch.float64)
+
+
+def test_segmented_backward_hot_row_and_empty_rows():
+    """bf16 table into a bf16 main_grad (Megatron's grad_reduce_in_fp32=False): the row chosen
+    10,000 times is summed over 20 blocks and combined by the fix-up; the result is the fp64
+    gradient to fp32-summation accuracy before one rounding (bitwise round(old + c32), c32 the
+    kernel's own fp32 sum into zeros), untouched rows keep their bits, and a repeat is bitwise
+    equal. grad_scores too, against float64."""
+    (T, M, N, Dv, h, E), rows, blocks, scores, values, grad = hot_inputs(torch.bfloat16)
+    assert int((rows == 3).sum()) >= 10_000
+    g16 = grad.to(torch.bfloat16)
+    # float64 gradients of the same (bf16-exact) inputs
+    s_exact, v_exact = grads_of(R.weighted_gather_pool, rows, blocks, scores.double(),
+                                values.double(), E, g16.double())  # fmt: skip
+    zeros = torch.zeros(N, Dv, dtype=torch.float32, device=DEVICE)
+    gs, c32 = G.gather_pool_backward(g16, rows, blocks, scores, values, values_grad_out=zeros,
+                                     seg=512)  # fmt: skip
+    # fp32 sums of <= 10,000 products of magnitude < ~20 (bf16 inputs are exact in fp32):
+    # error ~ sqrt(n) * 2^-24 * partial sums ~ 1e-3 at this size; 5e-3 leaves room.
+    assert err(c32, v_exact) <= 5e-3, err(c32, v_exact)
+    # grad_scores: 4-term fp32 dots, rounded once to bf16 (2^-8 relative; 2^-7 for margin)
+    assert err(gs, s_exact) <= 2.0**-7 * s_exact.abs().max().item()
+    start = randn(N, Dv, seed=31).to(torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        main = start.clone()
+        G.gather_pool_backward(g16, rows, blocks, scores, values, need_scores=False,
+                               values_grad_out=main, seg=512)  # fmt: skip
+        runs.append(main)
+    assert torch.equal(runs[0], (start.float() + c32).to(torch.bfloat16))  # rounded once
+    assert torch.equal(runs[0], runs[1])  # bitwise reproducible
+    assert torch.equal(runs[0][15:], start[15:])  # rows never chosen: untouched
+    assert not torch.equal(runs[0][3], start[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("seg", [8, 16])
+def test_segmented_backward_block_boundaries(dtype, seg):
+    """Runs of equal rows cut by many block boundaries (seg = 8 or 16 sorted entries per
+    program; runs of up to ~40 entries span up to 6 blocks), deterministic path into a zeroed
+    gradient and into an fp32/fp64 main_grad: equal to float64 to accumulation rounding."""
+    case = (9, 13, 6, 10, 2, 3)  # 117 selections over 6 rows
+    T, M, N, Dv, h, E = case
+    rows, blocks, scores, values = make_inputs(case, dtype, seed=32)
+    grad_out = randn(T, E, Dv, seed=33)
+    _, gv64 = grads_of(R.weighted_gather_pool, rows, blocks, scores.double(), values.double(), E,
+                       grad_out)  # fmt: skip
+    _, gv = G.gather_pool_backward(grad_out.to(dtype), rows, blocks, scores, values,
+                                   need_scores=False, deterministic=True, seg=seg)  # fmt: skip
+    # sums of <= ~40 products of N(0,1) numbers: a few ulps of ~50 in fp32 (fp64: ~1e-13)
+    tol = {torch.float32: 3e-5, torch.float64: 1e-12}[dtype]
+    assert err(gv, gv64) <= tol
+    main = randn(N, Dv, seed=34).to(dtype)
+    start = main.clone()
+    G.gather_pool_backward(grad_out.to(dtype), rows, blocks, scores, values, need_scores=False,
+                           deterministic=True, values_grad_out=main, seg=seg)  # fmt: skip
+    assert torch.equal(main, start + gv)  # the same fp sums, added to the old value once
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("seg", [None, 8])
+def test_sorted_forward_matches_reference(dtype, seg):
+    """The segmented-sum forward (large E): an odd shape where the table picks it for bf16, and
+    forced for fp32; blocks with no selection are zero."""
+    case = (5, 13, 7, 24, 2, 9)
+    T, M, N, Dv, h, E = case
+    rows, blocks, scores, values = make_inputs(case, dtype, seed=35)
+    blocks[:, :] = blocks % 7  # blocks 7 and 8 never chosen: their outputs must be 0
+    if dtype == torch.bfloat16:
+        assert G.forward_config(T, M, Dv, E, 2, G.num_sms(values.device), h).path == "sorted"
+    out = G.gather_pool_forward(rows, blocks, scores, values, E, path="sorted", seg=seg)
+    ref64 = R.weighted_gather_pool(rows, blocks, scores.double(), values.double(), E)
+    ref = R.weighted_gather_pool(rows, blocks, scores, values, E)
+    assert err(out, ref64) <= 2 * err(ref, ref64) + ATOL[dtype]
+    assert (out[:, 7:] == 0).all()
+
+
+def test_narrow_core_forward_takes_several_tokens():
+    """A core narrower than a warp's 16-byte row (bf16 Dv / h = 16 < 256): TOKENS tokens per
+    program, T not a multiple of it; same results as the reference."""
+    case = (7, 9, 11, 32, 2, 4)
+    T, M, N, Dv, h, E = case
+    assert G.forward_config(T, M, Dv, E, 2, 132, h).tokens == 16
+    rows, blocks, scores, values = make_inputs(case, torch.bfloat16, seed=36)
+    out = G.gather_pool_forward(rows, blocks, scores, values, E, split=1)
+    ref64 = R.weighted_gather_pool(rows, blocks, scores.double(), values.double(), E)
+    ref = R.weighted_gather_pool(rows, blocks, scores, values, E)
+    assert err(out, ref64) <= 2 * err(ref, ref64) + ATOL[torch.bfloat16]
 
 
 def test_poison_switch_is_on():
