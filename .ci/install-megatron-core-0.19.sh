@@ -4,7 +4,7 @@
 # is built from its sdist (helpers_cpp included, about 15 s). The one 3.12-only name it imports,
 # typing.override, is backported by a sitecustomize.py in VENV only (never in the package).
 #
-#     bash .ci/install-megatron-core-0.19.sh /tmp/venv-mc019 && /tmp/venv-mc019/bin/python -m pytest -q tests
+#     bash .ci/install-megatron-core-0.19.sh venv-mc019 && venv-mc019/bin/python -m pytest -q tests
 set -euo pipefail
 VENV=${1:?usage: $0 VENV}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

@@ -13,18 +13,17 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 
-: "${NNODES:?set NNODES (number of nodes)}"
 NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-}}"
-: "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
-: "${MASTER_ADDR:?set MASTER_ADDR (host of node 0)}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 
-ultramem_require_megatron_lm
+ultramem_check_env
+ultramem_check_nodes
 ultramem_convert "$@"
 ultramem_entry
+GPUS="$(ultramem_gpus_per_node)"
 ultramem_run torchrun \
-    --nproc_per_node "$(ultramem_gpus_per_node)" \
+    --nproc_per_node "$GPUS" \
     --nnodes "$NNODES" \
     --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" \

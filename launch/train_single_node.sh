@@ -12,11 +12,12 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
 
-ultramem_require_megatron_lm
+ultramem_check_env
 ultramem_convert "$@"
 ultramem_entry
+GPUS="$(ultramem_gpus_per_node)"
 ultramem_run torchrun \
-    --nproc_per_node "$(ultramem_gpus_per_node)" \
+    --nproc_per_node "$GPUS" \
     --nnodes 1 \
     --master_addr localhost \
     --master_port "${MASTER_PORT:-29500}" \

@@ -1,12 +1,28 @@
-"""`python -m megatron_ultramem`: the main job (see train.py; `--help` lists the options)."""
+"""`python -m megatron_ultramem`: the main job (train.py; `--help` lists the options).
+
+`--compare` trains the same model and a MoE of matched size (experiments/compare.py). The dispatch
+lives here, not in train.py, so that train.py never imports compare.py, which imports train.py.
+"""
 
 import sys
+from typing import Dict, List, Optional
 
-from .train import main as _train_main
+
+def run(argv: Optional[List[str]] = None) -> Dict:
+    """Parse and validate (a bad flag exits with status 2 before any work), then train."""
+    from . import train
+
+    args = train.parse_args(argv)
+    train._quiet_megatron()
+    if args.compare:
+        from .experiments.compare import compare
+
+        return compare(args)
+    return train.train(args)
 
 
 def main() -> int:
-    _train_main(sys.argv[1:])
+    run(sys.argv[1:])
     return 0
 
 

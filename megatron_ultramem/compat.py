@@ -17,13 +17,18 @@ Shims:
                      `save_to_aux_losses_tracker` / `get_moe_layer_wise_logging_tracker` are deprecated
                      wrappers there (the latter returns a copy, so popping from it does nothing).
                      -> record_aux_loss, discard_aux_loss
+  Muon exclusion     0.20 (Megatron-LM main) routes parameters tagged `use_muon = False` to Muon's
+                     scalar optimizer (Adam) and out of the layer-wise optimizer's buffers; 0.16-0.19
+                     read no such tag (every 2-D non-embedding parameter, the value table included,
+                     is orthogonalized).  -> muon_honours_use_muon
   version check      importing the package on an untested release warns once.  -> check_version
 """
 
 import copy
 import functools
-import warnings
 from typing import Optional
+
+from .warn import warn_user
 
 TESTED_VERSIONS = ("0.16.1", "0.19.2")
 """megatron-core releases the test suite runs on (pyproject: megatron-core>=0.16,<0.20)."""
@@ -61,7 +66,7 @@ def check_version(version: Optional[str] = None) -> bool:
     ok = _minor(version) in tested
     if not ok and not _WARNED:
         _WARNED.append(version)
-        warnings.warn(
+        warn_user(
             f"megatron-ultramem is tested with megatron-core {' and '.join(TESTED_VERSIONS)}; "
             f"megatron-core {version} is installed and may not work",
             stacklevel=2,
@@ -157,6 +162,18 @@ def process_groups(pg_collection=None):
         parallel_state.get_expert_model_parallel_group(),
         parallel_state.get_expert_data_parallel_group(),
     )
+
+
+# ---------------------------------------------------------------------- Muon exclusion
+def muon_honours_use_muon() -> bool:
+    """True when Megatron's Muon keeps `param.use_muon = False` parameters out of orthogonalization
+    and out of the layer-wise optimizer's Muon buffers: megatron-core 0.20+, whose emerging-optimizer
+    registry routes by `_is_muon_excluded` (tests/test_compat.py pins both effects)."""
+    try:
+        from megatron.core.optimizer import emerging_optimizers
+    except ImportError:  # 0.16: no emerging-optimizer registry
+        return False
+    return hasattr(emerging_optimizers, "_is_muon_excluded")
 
 
 # ---------------------------------------------------------------------- aux-loss tracker

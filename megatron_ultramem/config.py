@@ -194,6 +194,11 @@ class UltraMemConfig(TransformerConfig):
                 f"ultramem_topm (m={self.ultramem_topm}) must be <= keys per side of the virtual "
                 f"grid n' = sqrt(E) * n = {n_side}: allowed 1..{n_side}"
             )
+        for name in ("ultramem_aux_loss_alpha", "ultramem_aux_loss_tau", "ultramem_value_lr_mult",
+                     "ultramem_value_lr_decay_rate"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.ultramem_aux_loss_alpha < 0:
             raise ValueError(
                 f"ultramem_aux_loss_alpha must be >= 0, got {self.ultramem_aux_loss_alpha}"
@@ -210,6 +215,17 @@ class UltraMemConfig(TransformerConfig):
                 f"{self.ultramem_value_lr_decay_rate}"
             )
         self._validate_training_features()
+        if self.ultramem_mode == "skip" and self.ultramem_layers != 1:
+            raise ValueError(
+                f"ultramem_layers={self.ultramem_layers!r} has no effect with ultramem_mode='skip', "
+                "whose memories come from ultramem_skip_units: leave ultramem_layers at its default "
+                "1, or use mode 'replace'/'parallel'"
+            )
+        if self.ultramem_mode != "skip" and self.ultramem_skip_units:
+            raise ValueError(
+                f"ultramem_skip_units={self.ultramem_skip_units!r} has no effect with ultramem_mode="
+                f"{self.ultramem_mode!r}: allowed only with ultramem_mode='skip'"
+            )
         if self.ultramem_mode == "skip":
             units = self.ultramem_skip_unit_list()
             if not units:

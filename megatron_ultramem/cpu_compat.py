@@ -41,6 +41,17 @@ Patches (target: reason):
     megatron-core 0.17+, or a Megatron-LM checkout on sys.path): validate_args asks the GPU's
     compute capability with tensor parallelism; report 9 (Hopper), whose rules (e.g.
     CUDA_DEVICE_MAX_CONNECTIONS=1 for TP communication overlap) are the conservative ones.
+10. megatron.training's pretrain() loop (`enable(training_loop=True)`, where megatron.training is
+    importable): (a)
+    `training.initialize_megatron` gets `allow_no_cuda=True` (it asserts CUDA otherwise);
+    (b) `initialize._initialize_distributed` first creates the default process group itself
+    (--distributed-backend, gloo on CPU) when none exists, since Megatron's own call would bind it
+    to a CUDA device; (c) the module-level `torch` of training, initialize, checkpointing,
+    training.utils and core.rerun_state_machine becomes the patch-7a proxy (their
+    `torch.tensor(..., device='cuda')` flags, timers and loss sums land on the CPU) whose
+    `torch.cuda` reports one device (that gates parallel-state setup and the model-parallel RNG
+    seeding), makes `set_device` a no-op, and saves / restores the CPU generator's state as "the
+    CUDA RNG state" (rerun state machine, checkpoints).
 """
 
 import contextlib
@@ -147,6 +158,35 @@ class _CpuTorch:
         return value
 
 
+class _CpuCuda:
+    """`torch.cuda` as megatron.training's loop sees it on CPU (patch 10): one device, the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def device_count() -> int:
+        return 1  # gates parallel-state setup and the model-parallel RNG seeding in initialize.py
+
+    @staticmethod
+    def set_device(*args, **kwargs) -> None:
+        pass
+
+    @staticmethod
+    def get_rng_state(*args, **kwargs) -> torch.Tensor:
+        return torch.get_rng_state()  # checkpoints save "the CUDA RNG state": the CPU generator's
+
+    @staticmethod
+    def set_rng_state(state, *args, **kwargs) -> None:
+        torch.set_rng_state(state)
+
+
+class _CpuTrainingTorch(_CpuTorch):
+    """`torch` as megatron.training's loop modules see it on CPU (patch 10)."""
+
+    cuda = _CpuCuda()
+
+
 _TENSOR_TYPE = torch.Tensor.type
 
 
@@ -198,6 +238,16 @@ def _patch_optimizers_and_schedules() -> None:
             _patch(owner, name, _with_cuda_type_names(original))
 
 
+_TRAINING_MODULES = (
+    "megatron.training.training",
+    "megatron.training.initialize",
+    "megatron.training.checkpointing",
+    "megatron.training.utils",
+    "megatron.core.rerun_state_machine",
+)
+"""Modules of megatron.training whose `torch.tensor(..., device='cuda')` calls patch 10 redirects."""
+
+
 def _have_te() -> bool:
     from megatron.core.extensions import transformer_engine
 
@@ -210,8 +260,11 @@ def _local_norm(config, hidden_size: int, eps: float = 1e-5, **kwargs):
     return LNImpl(config=config, hidden_size=hidden_size, eps=eps)
 
 
-def enable() -> bool:
-    """Apply the patches when CUDA is absent. Returns True when the CPU layer is active."""
+def enable(training_loop: bool = False) -> bool:
+    """Apply the patches when CUDA is absent. Returns True when the CPU layer is active.
+
+    training_loop=True also applies patch 10 (megatron.training's pretrain() loop; imports
+    megatron.training.training, which model-level code does not need)."""
     if torch.cuda.is_available():
         return False
     from megatron.core.fusions import fused_softmax
@@ -254,7 +307,51 @@ def enable() -> bool:
         training_arguments = None
     if training_arguments is not None and hasattr(training_arguments, "get_device_arch_version"):
         _patch(training_arguments, "get_device_arch_version", lambda: 9)
+    # 10
+    if training_loop and training_arguments is not None:
+        _patch_training_loop()
     return True
+
+
+def _patch_training_loop() -> None:
+    """Patch 10: megatron.training's pretrain() loop on CPU (see the module docstring)."""
+    import functools
+    import importlib
+
+    from megatron.training import training
+
+    from megatron.training import initialize
+
+    original = training.initialize_megatron
+    if not getattr(original, _MARK, False):
+        _patch(training, "initialize_megatron", functools.wraps(original)(
+            functools.partial(original, allow_no_cuda=True)
+        ))  # fmt: skip
+    original = initialize._initialize_distributed
+    if not getattr(original, _MARK, False):
+
+        @functools.wraps(original)
+        def initialize_distributed(*args, **kwargs):
+            if not torch.distributed.is_initialized():
+                from datetime import timedelta
+
+                from megatron.training import get_args
+
+                margs = get_args()
+                torch.distributed.init_process_group(
+                    backend=margs.distributed_backend, world_size=margs.world_size,
+                    rank=margs.rank, timeout=timedelta(minutes=margs.distributed_timeout_minutes),
+                )  # fmt: skip
+            return original(*args, **kwargs)
+
+        _patch(initialize, "_initialize_distributed", initialize_distributed)
+    for name in _TRAINING_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "torch"):
+            _patch(module, "torch", _CpuTrainingTorch())
 
 
 def disable() -> None:

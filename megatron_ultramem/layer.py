@@ -353,6 +353,16 @@ class UltraMemLayer(MegatronModule):
         self.tucker_v.copy_(v)
         return s
 
+    def refresh_cache(self) -> None:
+        """Megatron-Core's hook (0.20+: `MegatronModule.refresh_cache`, called after an in-place
+        weight refit such as RL resharding, when parameters changed outside the optimizer and the
+        checkpoint loader): drop the CPU path's kept key rows (`_key_rows`) and recompute the Tucker
+        vectors from the cores now in place (sign-aligned with the current ones, so a refit that
+        also sent the buffers leaves them as received)."""
+        self._key_rows_cache = None
+        if not self.cores.is_meta:
+            self.refresh_tucker_vectors()
+
     # ------------------------------------------------------------------ stages
     def _backend(self):
         impl = self.config.ultramem_impl

@@ -108,6 +108,10 @@ def memory_layout(config, pg_collection=None) -> MemoryLayout:
 def tag_value_parameter(param: torch.nn.Parameter, layout: MemoryLayout) -> None:
     """Tag the table shard the way Megatron tags expert/TP params (read by DDP, grad norm, ckpt)."""
     param.is_ultramem_value = True
+    # An embedding-like table (each step updates few rows): Megatron's Muon / layer-wise optimizer
+    # (megatron-core 0.20+) must leave it to its scalar optimizer (Adam) instead of orthogonalizing
+    # its update. Older releases do not read the tag: the Megatron-LM flags refuse Muon there.
+    param.use_muon = False
     param.tensor_model_parallel = layout.tp_size > 1
     param.partition_dim = 1
     param.partition_stride = 1

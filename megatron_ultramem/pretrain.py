@@ -23,7 +23,9 @@ It does what Megatron-LM's `pretrain_gpt.py` / `pretrain_hybrid.py` do for plain
 Not covered (use Megatron-LM's scripts for them): SFT / packed sequences, FIM data, context
 parallelism, ModelOpt, knowledge distillation.
 
-`pretrain()` itself needs CUDA; every piece it calls is tested on CPU (tests/test_pretrain.py).
+On a machine without CUDA the entry enables `cpu_compat` (gloo, CPU tensors; pretrain()'s own CUDA
+calls included): tests/megatron_lm/test_pretrain_loop.py runs the whole loop that way, with a
+checkpoint, a resume and two "nodes"; tests/megatron_lm/test_pretrain.py tests its pieces.
 """
 
 import sys
@@ -32,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .cli import bad_input_exits, repair_help_strings
 from .megatron_lm.arguments import (
     HYBRID_SPEC_NAME,
     SPEC_MODULE,
@@ -49,14 +52,15 @@ def require_megatron_training():
         from megatron.training import argument_utils  # noqa: F401  (0.19's config builders)
         from megatron.training.arguments import parse_and_validate_args  # noqa: F401
     except ImportError as err:
+        from .cli import fail
         from .compat import megatron_core_version
 
-        raise SystemExit(
+        fail(
             "python -m megatron_ultramem.pretrain needs megatron.training from megatron-core "
             f">= 0.19 (installed: megatron-core {megatron_core_version()}: {err}). With 0.16, run "
             "Megatron-LM's pretrain_gpt.py through `python -m megatron_ultramem.megatron_lm."
             "pretrain_gpt --megatron-lm PATH ...` (docs/megatron_lm.md)"
-        ) from None
+        )
 
 
 # ---------------------------------------------------------------------- arguments
@@ -82,14 +86,26 @@ def parse_args(argv: Optional[Sequence[str]] = None, args_defaults: Optional[Dic
     argv = with_default_spec(sys.argv[1:] if argv is None else argv)
     saved = sys.argv
     sys.argv = [saved[0] if saved else "megatron_ultramem.pretrain", *argv]
-    try:
-        args = parse_and_validate_args(
-            extra_args_provider=add_ultramem_args,
-            args_defaults={"tokenizer_type": "GPT2BPETokenizer", **(args_defaults or {})},
-        )
+    from megatron.training import arguments as mlm_arguments
+
+    megatron_validate = mlm_arguments.validate_args
+
+    def validate_args(args, defaults={}):  # the plugin's checks before any global state is set
+        result = megatron_validate(args, defaults)
+        validate_ultramem_args(args)
+        return result
+
+    mlm_arguments.validate_args = validate_args  # looked up at call time by parse_and_validate_args
+    try:  # bad flags: one line naming them, exit status 2 (cli.bad_input_exits)
+        with bad_input_exits("python -m megatron_ultramem.pretrain"):
+            args = parse_and_validate_args(
+                extra_args_provider=lambda parser: repair_help_strings(add_ultramem_args(parser)),
+                args_defaults={"tokenizer_type": "GPT2BPETokenizer", **(args_defaults or {})},
+            )
+            validate_ultramem_args(args)  # --yaml-cfg validates without validate_args
     finally:
+        mlm_arguments.validate_args = megatron_validate
         sys.argv = saved
-    validate_ultramem_args(args)  # also when the hooks' validate_args wrapper is not installed
     return args
 
 
@@ -242,6 +258,32 @@ def forward_step(data_iterator, model):
 
 
 # ---------------------------------------------------------------------- the job
+def use_prebuilt_dataset_helpers() -> bool:
+    """Make `megatron.core.datasets.utils.compile_helpers` a no-op when the compiled
+    `helpers_cpp` extension imports; returns True when it does.
+
+    pretrain() (initialize_megatron's `_compile_dependencies`) runs `make` in megatron/core/datasets
+    on rank 0, which a Megatron-LM checkout supports; an installed megatron-core package ships the
+    extension prebuilt and no Makefile, so `make` fails and rank 0 exits. Idempotent; the original
+    stays as `__wrapped__`.
+    """
+    from megatron.core.datasets import utils as dataset_utils
+
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return False
+    original = dataset_utils.compile_helpers
+    if getattr(original, "__wrapped__", None) is None:
+
+        def compile_helpers():
+            """helpers_cpp is prebuilt (see megatron_ultramem.pretrain.use_prebuilt_dataset_helpers)."""
+
+        compile_helpers.__wrapped__ = original
+        dataset_utils.compile_helpers = compile_helpers
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     require_megatron_training()
     from megatron.core.enums import ModelType
@@ -250,8 +292,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     from .megatron_lm.hooks import install_megatron_lm_hooks
 
+    from . import cpu_compat
+
+    cpu_compat.enable(training_loop=True)  # no-op with CUDA; CPU-only machines: gloo + CPU
     install_megatron_lm_hooks()  # value LR group + scheduler, Tucker refresh, metrics, validation
-    args = parse_args(argv)
+    use_prebuilt_dataset_helpers()
+    args = parse_args(argv)  # bad input: one line naming the flag, exit status 2, before any work
     full_config = pretrain_cfg_container_from_args(args, model_config_from_args(args))
     pretrain(full_config, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step)
 

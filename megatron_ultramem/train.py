@@ -9,8 +9,15 @@ DistributedDataParallel, its forward-backward schedule (which scales the Tucker 
 the plugin's schedule hook), Megatron's optimizer with the value table in its own param group
 (fp32, or `--bf16` through Float16Module with fp32 main params; `--use-distributed-optimizer`),
 the value-LR scheduler, and the Tucker SVD refresh once per optimizer step. `--save/--load` write
-and resume Megatron dist_checkpointing checkpoints (checkpointing.py). `--data-path PREFIX` trains
-on a Megatron indexed dataset instead of the embedded corpus.
+and resume Megatron dist_checkpointing checkpoints (checkpointing.py: a SHA-256 manifest verified
+before loading, `--ckpt-step N` for an older iteration; a larger `--train-iters` extends the run and
+its LR schedule). `--data-path PREFIX` trains on a Megatron indexed dataset instead of the embedded
+corpus.
+
+The --ultramem-* flags are Megatron-LM's (megatron_lm/arguments.py, one definition) with the small
+model's defaults (ULTRAMEM_DEFAULTS). Every argument is checked before any work (validate_args): a
+bad one ends the program with one line naming it and the allowed values, exit status 2 (cli.py).
+`python -m megatron_ultramem` itself is __main__.py, which also dispatches `--compare`.
 """
 
 import argparse
@@ -26,6 +33,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .cli import ArgumentParser, check_writable, fail, float_in, int_at_least
+
 DEFAULTS = dict(
     num_layers=4,
     hidden_size=128,
@@ -36,75 +45,84 @@ DEFAULTS = dict(
     train_iters=250,
     lr=3e-3,
     min_lr=3e-4,
-    warmup_iters=20,
     weight_decay=0.1,
     eval_interval=50,
     eval_iters=4,
     seed=1234,
-    ultramem_mode="parallel",
+)
+
+MAX_WARMUP = 20
+"""--warmup-iters default: min(MAX_WARMUP, --train-iters // 10)."""
+
+ULTRAMEM_DEFAULTS = dict(
     ultramem_layers="[0,1,0,1]",
     ultramem_skip_units="0:1,2:3",
     ultramem_num_keys=32,
     ultramem_key_dim=32,
-    ultramem_expansion=4,
-    ultramem_tucker_rank=2,
-    ultramem_num_cores=2,
-    ultramem_num_heads=2,
     ultramem_topm=16,
-    ultramem_value_lr_mult=4.0,
+    ultramem_seed=None,  # None: --seed
 )
+"""The main job's defaults where they differ from UltraMemConfig's (a 4-layer 128-wide model; the
+README's flag table lists both columns). Every other --ultramem-* flag has the config default."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (the --ultramem-* helps already carry theirs)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, argparse.SUPPRESS, False) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .megatron_lm.arguments import add_ultramem_args
+
     d = DEFAULTS
-    p = argparse.ArgumentParser(
+    pos, nonneg = int_at_least(1), int_at_least(0)
+    p = ArgumentParser(
         prog="python -m megatron_ultramem",
         description="Train a small Megatron-Core GPT with UltraMem memory layers on the embedded "
         "corpus (CPU, a few minutes). Writes loss_curve.png and metrics.json to --output-dir.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
+        allow_abbrev=False,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, default=d["num_layers"])
-    g.add_argument("--hidden-size", type=int, default=d["hidden_size"])
-    g.add_argument("--num-attention-heads", type=int, default=d["num_attention_heads"])
-    g.add_argument("--ffn-hidden-size", type=int, default=d["ffn_hidden_size"])
-    g.add_argument("--seq-length", type=int, default=d["seq_length"])
-    g = p.add_argument_group("ultramem")
-    g.add_argument("--ultramem-mode", default=d["ultramem_mode"], choices=["replace", "parallel", "skip"])
-    g.add_argument("--ultramem-layers", default=d["ultramem_layers"],
-                   help="layer pattern for replace/parallel: int N, or a 0/1 list like [0,1,0,1]")
-    g.add_argument("--ultramem-skip-units", default=d["ultramem_skip_units"],
-                   help='skip units "i:j,..." for --ultramem-mode skip')
-    g.add_argument("--ultramem-num-keys", type=int, default=d["ultramem_num_keys"], help="n")
-    g.add_argument("--ultramem-key-dim", type=int, default=d["ultramem_key_dim"], help="K")
-    g.add_argument("--ultramem-value-dim", type=int, default=None, help="Dv (default hidden/2)")
-    g.add_argument("--ultramem-expansion", type=int, default=d["ultramem_expansion"], help="E")
-    g.add_argument("--ultramem-tucker-rank", type=int, default=d["ultramem_tucker_rank"], help="r")
-    g.add_argument("--ultramem-num-cores", type=int, default=d["ultramem_num_cores"], help="h")
-    g.add_argument("--ultramem-num-heads", type=int, default=d["ultramem_num_heads"], help="H")
-    g.add_argument("--ultramem-topm", type=int, default=d["ultramem_topm"], help="m")
-    g.add_argument("--ultramem-value-lr-mult", type=float, default=d["ultramem_value_lr_mult"])
-    g.add_argument("--ultramem-impl", default="auto", choices=["auto", "reference", "triton"])
+    g.add_argument("--num-layers", type=pos, default=d["num_layers"])
+    g.add_argument("--hidden-size", type=pos, default=d["hidden_size"])
+    g.add_argument("--num-attention-heads", type=pos, default=d["num_attention_heads"])
+    g.add_argument("--ffn-hidden-size", type=pos, default=d["ffn_hidden_size"],
+                   help="dense MLP size (mode parallel: also the MLP beside each memory)")  # fmt: skip
+    g.add_argument("--seq-length", type=pos, default=d["seq_length"])
+    # the same --ultramem-* flags as Megatron-LM's scripts (one definition: arguments.py)
+    add_ultramem_args(p, defaults=ULTRAMEM_DEFAULTS, logging_flags=False)
     g = p.add_argument_group("training")
-    g.add_argument("--train-iters", type=int, default=d["train_iters"])
-    g.add_argument("--micro-batch-size", type=int, default=d["micro_batch_size"])
-    g.add_argument("--lr", type=float, default=d["lr"])
-    g.add_argument("--min-lr", type=float, default=d["min_lr"])
-    g.add_argument("--warmup-iters", type=int, default=d["warmup_iters"])
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    g.add_argument("--eval-interval", type=int, default=d["eval_interval"])
-    g.add_argument("--eval-iters", type=int, default=d["eval_iters"])
-    g.add_argument("--seed", type=int, default=d["seed"])
-    g.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    g.add_argument("--train-iters", type=pos, default=d["train_iters"],
+                   help="optimizer steps; resuming with a larger value extends the run (the LR "
+                   "schedule then decays to the new end)")  # fmt: skip
+    g.add_argument("--micro-batch-size", type=pos, default=d["micro_batch_size"])
+    g.add_argument("--lr", type=float_in(0.0, low_open=True), default=d["lr"])
+    g.add_argument("--min-lr", type=float_in(0.0), default=d["min_lr"], help="must be <= --lr")
+    g.add_argument("--warmup-iters", type=nonneg, default=None,
+                   help=f"linear LR warmup steps, < --train-iters (default: min({MAX_WARMUP}, "
+                   "--train-iters // 10); when resuming, the checkpoint's)")  # fmt: skip
+    g.add_argument("--weight-decay", type=float_in(0.0), default=d["weight_decay"])
+    g.add_argument("--eval-interval", type=pos, default=d["eval_interval"])
+    g.add_argument("--eval-iters", type=pos, default=d["eval_iters"], help="validation batches")
+    g.add_argument("--seed", type=nonneg, default=d["seed"])
+    g.add_argument("--clip-grad", type=float_in(0.0), default=1.0, help="gradient-norm clipping (0: off)")
     g.add_argument("--bf16", action="store_true",
                    help="Megatron mixed precision: bf16 model (Float16Module), fp32 main params")
     g.add_argument("--grad-reduce-in-fp32", action=argparse.BooleanOptionalAction, default=False,
                    help="reduce gradients in fp32 (Megatron's --accumulate-allreduce-grads-in-fp32)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Megatron's DistributedOptimizer (optimizer state sharded over data parallel)")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    g.add_argument("--tensor-model-parallel-size", type=pos, default=1,
+                   help="under torchrun: must divide the world size")  # fmt: skip
+    g.add_argument("--expert-model-parallel-size", type=pos, default=1,
+                   help="under torchrun: splits each value table's columns over TP x EP")  # fmt: skip
+    g.add_argument("--threads", type=pos, default=None, help="torch intra-op threads (default: torch's)")
     g.add_argument("--data-backend", default="torch", choices=["torch", "dali"],
                    help="input pipeline: Megatron's sampler + torch DataLoader, or NVIDIA DALI "
                    "(pip install 'megatron-ultramem[dali]')")
@@ -114,14 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "validation uses the --split share of its documents")
     g.add_argument("--split", default="95,5,0",
                    help="train,valid,test shares of --data-path's documents (Megatron-LM's --split)")
-    g.add_argument("--data-workers", type=int, default=0, help="loader worker processes")
-    g.add_argument("--data-prefetch", type=int, default=2, help="prefetch depth (batches)")
+    g.add_argument("--data-workers", type=nonneg, default=0, help="loader worker processes")
+    g.add_argument("--data-prefetch", type=pos, default=2, help="prefetch depth (batches)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, metavar="DIR", help="write checkpoints to DIR")
-    g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    g.add_argument("--save-interval", type=pos, default=None, help="iterations between checkpoints")
     g.add_argument("--load", default=None, metavar="DIR",
                    help="resume from the latest checkpoint in DIR (with --save DIR: resume if "
-                   "there is one, else start)")
+                   "there is one, else start); its manifest (sizes, SHA-256) is verified first")
+    g.add_argument("--ckpt-step", type=pos, default=None, metavar="N",
+                   help="with --load: resume from iteration N instead of the latest")
     g = p.add_argument_group("comparison")
     g.add_argument("--compare", action="store_true",
                    help="train this UltraMem model and a MoE of matched total and activated "
@@ -131,77 +151,93 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default="ultramem_run")
     g.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    g.add_argument("--log-interval", type=int, default=None,
+    g.add_argument("--log-interval", type=pos, default=None,
                    help="print the loss every N steps (default: at each evaluation)")
     return p
 
 
-def validate_args(args) -> None:
-    """Reject bad values before any work starts; each message names the flag."""
-    positive = [
-        "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "seq_length",
-        "train_iters", "micro_batch_size", "eval_interval", "eval_iters",
-    ]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.hidden_size % args.num_attention_heads:
-        raise SystemExit(
-            f"error: --hidden-size ({args.hidden_size}) must be divisible by "
-            f"--num-attention-heads ({args.num_attention_heads})"
+def _check_torchrun_env() -> int:
+    """The world size torchrun's environment announces (1 without it); a stray RANK is refused."""
+    names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    given = [n for n in names if n in os.environ]
+    if not given:
+        return 1
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        fail(
+            f"{', '.join(f'{n}={os.environ[n]}' for n in given)} set in the environment but not "
+            f"{', '.join(missing)}: run under torchrun (which sets all four), or unset {', '.join(given)}"
         )
-    for flag in ("lr", "min_lr", "weight_decay", "clip_grad"):
-        if not math.isfinite(getattr(args, flag)):
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
-    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
-        raise SystemExit(f"error: need 0 <= --min-lr <= --lr and --lr > 0 (got {args.min_lr}, {args.lr})")
-    if args.clip_grad < 0:
-        raise SystemExit(f"error: --clip-grad must be >= 0 (0 switches clipping off), got {args.clip_grad}")
-    for flag in ("save_interval", "log_interval"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        fail(f"RANK={os.environ['RANK']} / WORLD_SIZE={os.environ['WORLD_SIZE']}: expected integers")
+    if world < 1 or not 0 <= rank < world:
+        fail(f"RANK={rank} with WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
+    return world
+
+
+def validate_args(args) -> None:
+    """Refuse bad values before any work starts: one line naming the flag, exit status 2.
+
+    Also resolves what depends on other flags or on the checkpoint: --warmup-iters (None ->
+    min(20, --train-iters // 10), or the checkpoint's when resuming), args.resume_iteration (the
+    verified checkpoint iteration to load, or None), args.data_info (--data-path).
+    """
+    world = _check_torchrun_env()
+    if args.hidden_size % args.num_attention_heads:
+        fail(
+            f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
+            f"({args.num_attention_heads})"
+        )
+    if args.min_lr > args.lr:
+        fail(f"--min-lr {args.min_lr} must be <= --lr {args.lr}")
+    if args.warmup_iters is not None and args.warmup_iters >= args.train_iters:
+        fail(f"--warmup-iters must be in [0, --train-iters) = [0, {args.train_iters}), got {args.warmup_iters}")
+    if args.ultramem_mode == "skip" and args.ultramem_layers != ULTRAMEM_DEFAULTS["ultramem_layers"]:
+        fail(
+            f"--ultramem-layers {args.ultramem_layers} has no effect with --ultramem-mode skip, "
+            "whose memories come from --ultramem-skip-units: drop it, or use --ultramem-mode "
+            "parallel/replace"
+        )
+    if args.ultramem_mode != "skip" and args.ultramem_skip_units != ULTRAMEM_DEFAULTS["ultramem_skip_units"]:
+        fail(
+            f"--ultramem-skip-units {args.ultramem_skip_units} has no effect with --ultramem-mode "
+            f"{args.ultramem_mode}: allowed only with --ultramem-mode skip"
+        )
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    if world % tp or world % ep:
+        fail(
+            f"--tensor-model-parallel-size {tp} and --expert-model-parallel-size {ep} must divide "
+            f"the world size {world} ({'WORLD_SIZE' if world > 1 else 'one process without torchrun'})"
+        )
     if args.save_interval is not None and args.save is None:
-        raise SystemExit("error: --save-interval needs --save DIR")
+        fail("--save-interval needs --save DIR")
+    if args.ckpt_step is not None and args.load is None:
+        fail("--ckpt-step needs --load DIR")
     _check_writable(args.output_dir, "--output-dir")
     if args.save is not None:
         _check_writable(args.save, "--save")
-    if args.load is not None:
-        from .checkpointing import CheckpointError, latest_iteration
-
-        if not os.path.isdir(args.load):
-            raise SystemExit(f"error: --load {args.load}: no such directory")
-        try:
-            found = latest_iteration(args.load)
-        except CheckpointError as err:
-            raise SystemExit(f"error: --load {args.load}: {err}") from None
-        if found is None and os.path.abspath(args.load) != os.path.abspath(args.save or ""):
-            raise SystemExit(
-                f"error: --load {args.load}: no checkpoint there (no {args.load}/"
-                "latest_checkpointed_iteration.txt); pass the --save directory of an earlier run"
-            )
-    if args.data_workers < 0 or args.data_prefetch < 1:
-        raise SystemExit(
-            f"error: --data-workers must be >= 0 and --data-prefetch >= 1 "
-            f"(got {args.data_workers}, {args.data_prefetch})"
-        )
     if args.data_backend == "dali":
         import importlib.util
 
         if importlib.util.find_spec("nvidia.dali") is None:
-            raise SystemExit(
-                "error: --data-backend dali needs NVIDIA DALI: pip install 'megatron-ultramem[dali]' "
-                "(nvidia-dali-cuda130; nvidia-dali-cuda120 for CUDA 12 drivers)"
+            fail(
+                "--data-backend dali needs NVIDIA DALI: pip install 'megatron-ultramem[dali]' "
+                "(nvidia-dali-cuda130; nvidia-dali-cuda120 for CUDA 12 drivers); allowed without "
+                "it: --data-backend torch"
             )
+    args.data_info = None
     if args.data_path is not None:
         shares = args.split.split(",")
         try:
             values = [float(x) for x in shares]
         except ValueError:
             values = []
-        if len(values) != 3 or min(values) < 0 or values[0] <= 0 or values[1] <= 0:
-            raise SystemExit(
-                f"error: --split must be three non-negative shares train,valid,test with train "
+        if len(values) != 3 or not all(map(math.isfinite, values)) or min(values) < 0 \
+                or values[0] <= 0 or values[1] <= 0:  # fmt: skip
+            fail(
+                f"--split must be three non-negative shares train,valid,test with train "
                 f"and valid > 0 (e.g. 95,5,0), got {args.split!r}"
             )
         from .data_pipeline import inspect_indexed_prefix
@@ -209,37 +245,61 @@ def validate_args(args) -> None:
         try:
             args.data_info = inspect_indexed_prefix(args.data_path, "--data-path")
         except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
-    if args.warmup_iters < 0 or args.warmup_iters >= args.train_iters:
-        raise SystemExit(
-            f"error: --warmup-iters must be in [0, --train-iters) = [0, {args.train_iters}), "
-            f"got {args.warmup_iters}"
+            fail(str(err))
+    _resolve_checkpoint(args)
+    if args.warmup_iters is None:
+        args.warmup_iters = min(MAX_WARMUP, args.train_iters // 10)
+    make_config(args)  # UltraMemConfig's own validation of the --ultramem-* flags (nothing built)
+
+
+def _resolve_checkpoint(args) -> None:
+    """args.resume_iteration: the checkpoint iteration --load resumes from (verified against its
+    manifest), or None; refuses a damaged or mismatched checkpoint naming the file or flag."""
+    from . import checkpointing
+
+    args.resume_iteration = None
+    if args.load is None:
+        return
+    if not os.path.isdir(args.load):
+        fail(f"--load {args.load}: no such directory")
+    try:
+        found = checkpointing.resolve_iteration(args.load, args.ckpt_step)
+    except checkpointing.CheckpointError as err:
+        fail(f"--load {args.load}: {err}")
+    if found is None:
+        if os.path.abspath(args.load) != os.path.abspath(args.save or ""):
+            fail(
+                f"--load {args.load}: no checkpoint there (no {args.load}/"
+                "latest_checkpointed_iteration.txt); pass the --save directory of an earlier run"
+            )
+        return
+    saved = checkpointing.read_state(args.load, found)["run_config"]
+    if found >= args.train_iters:
+        fail(
+            f"--train-iters {args.train_iters}: the checkpoint in --load {args.load} is at "
+            f"iteration {found}, so there is nothing to train; allowed: --train-iters > {found}"
         )
+    if args.warmup_iters is None:  # the schedule the run was started with
+        args.warmup_iters = saved.get("warmup_iters")
+    try:
+        checkpointing.check_run_config(saved, run_config(args), args.load, RUN_CONFIG_EXCLUDED)
+    except checkpointing.CheckpointError as err:
+        fail(str(err))
+    args.resume_iteration = found
 
 
 def _check_writable(path: str, flag: str) -> None:
-    """A clear error now, instead of a traceback at the first write, when `path` cannot be a
-    writable directory. Creates nothing: the nearest existing ancestor must be a writable
-    directory (or `path` itself, probed with a temporary file)."""
-    probe_dir = os.path.abspath(path)
-    while not os.path.exists(probe_dir):
-        probe_dir = os.path.dirname(probe_dir)
-    if not os.path.isdir(probe_dir):
-        raise SystemExit(f"error: {flag} {path}: {probe_dir} is not a directory")
-    try:
-        probe = os.path.join(probe_dir, f".ultramem_write_probe{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise SystemExit(f"error: {flag} {path} is not writable ({err.strerror or err})") from None
+    check_writable(path, flag)
 
 
 RUN_CONFIG_EXCLUDED = {
     "output_dir", "no_progress", "load", "save", "save_interval", "threads", "data_workers",
     "data_prefetch", "data_backend", "log_interval", "eval_interval", "eval_iters", "data_info",
+    "train_iters", "ckpt_step", "resume_iteration", "compare",
 }  # fmt: skip
-"""Flags that change neither the model nor the order or content of its updates."""
+"""Flags that change neither the model nor the order or content of its updates up to the
+checkpoint. --train-iters may grow on resume: the run is extended, the LR schedule decays to the
+new end from there on."""
 
 
 def run_config(args) -> Dict:
@@ -273,8 +333,8 @@ def init_distributed(tp: int = 1, ep: int = 1, seed: int = 1234) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     world = torch.distributed.get_world_size()
     if world % tp or world % ep:
-        raise SystemExit(
-            f"error: world size {world} must be divisible by --tensor-model-parallel-size ({tp}) "
+        fail(
+            f"world size {world} must be divisible by --tensor-model-parallel-size ({tp}) "
             f"and --expert-model-parallel-size ({ep})"
         )
     if parallel_state.model_parallel_is_initialized():
@@ -286,10 +346,20 @@ def init_distributed(tp: int = 1, ep: int = 1, seed: int = 1234) -> None:
 
 
 def make_config(args, **overrides):
-    """UltraMemConfig from parsed main-job arguments."""
+    """UltraMemConfig from parsed main-job arguments (every --ultramem-* flag; the memory's seed
+    is --ultramem-seed, or --seed when that is not given). A value the config refuses ends the
+    program with the flag named (exit status 2)."""
     from . import cpu_compat
     from .config import UltraMemConfig
+    from .megatron_lm.arguments import ultramem_fields_from_args
 
+    ultramem = ultramem_fields_from_args(args)
+    if ultramem["ultramem_seed"] is None:
+        ultramem["ultramem_seed"] = args.seed
+    if args.ultramem_mode == "skip":
+        ultramem.pop("ultramem_layers")  # units come from --ultramem-skip-units
+    else:
+        ultramem["ultramem_skip_units"] = None
     fields = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -301,29 +371,28 @@ def make_config(args, **overrides):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         **({} if torch.cuda.is_available() else cpu_compat.CPU_CONFIG),
-        ultramem_mode=args.ultramem_mode,
-        ultramem_layers=args.ultramem_layers,
-        ultramem_skip_units=args.ultramem_skip_units if args.ultramem_mode == "skip" else None,
-        ultramem_num_keys=args.ultramem_num_keys,
-        ultramem_key_dim=args.ultramem_key_dim,
-        ultramem_value_dim=args.ultramem_value_dim,
-        ultramem_expansion=args.ultramem_expansion,
-        ultramem_tucker_rank=args.ultramem_tucker_rank,
-        ultramem_num_cores=args.ultramem_num_cores,
-        ultramem_num_heads=args.ultramem_num_heads,
-        ultramem_topm=args.ultramem_topm,
-        ultramem_value_lr_mult=args.ultramem_value_lr_mult,
-        ultramem_impl=args.ultramem_impl,
-        ultramem_seed=args.seed,
+        **ultramem,
         bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
     )
     fields.update(overrides)
     try:
         return UltraMemConfig(**fields)
-    except ValueError as err:
-        flag = str(err).split(" ")[0].replace("_", "-")
-        raise SystemExit(f"error: --{flag}: {err}") from None
+    except (ValueError, AssertionError) as err:
+        fail(_flagify(str(err), args))
+
+
+def _flagify(message: str, args) -> str:
+    """Config field names in a message -> the main job's flags ('ultramem_topm' -> '--ultramem-topm')."""
+    import re
+
+    names = set(vars(args))
+
+    def sub(match):
+        name = match.group(0)
+        return "--" + name.replace("_", "-") if name in names else name
+
+    return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", sub, message)
 
 
 def build_model(config, vocab_size: int, seq_length: int):
@@ -455,6 +524,9 @@ def build_optimizer(args, config, ddp_model):
         wd_incr_steps=args.train_iters, wd_incr_style="constant",
         value_lr_mult=config.ultramem_value_lr_mult,
         value_lr_decay_rate=config.ultramem_value_lr_decay_rate,
+        # a resumed run takes this run's schedule (run_config guarantees that everything but
+        # --train-iters equals the checkpoint's): extending --train-iters extends the decay
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )  # fmt: skip
     return optimizer, scheduler
 
@@ -489,6 +561,7 @@ def train(args, build=None) -> Dict:
     --compare mode trains its MoE through this loop); it runs where the default model is built,
     after the seed is set, and its config must carry what build_optimizer reads.
     """
+    validate_args(args)
     from megatron.core import parallel_state
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -498,8 +571,8 @@ def train(args, build=None) -> Dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from . import checkpointing, data_pipeline
+    from .optim import is_value_group
 
-    validate_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     init_distributed(args.tensor_model_parallel_size, args.expert_model_parallel_size, args.seed)
@@ -512,6 +585,14 @@ def train(args, build=None) -> Dict:
     else:
         config, model, name = build(args)
     layers = memory_layers(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_values = sum(p.numel() for p in model.parameters() if getattr(p, "is_ultramem_value", False))
+    if rank == 0:
+        print(
+            f"model: GPT {args.num_layers}L/{args.hidden_size}d + {name}, {n_params:,} parameters "
+            f"on this rank ({n_values:,} in value tables, {len(layers)} memory layers)",
+            flush=True,
+        )
     if args.bf16:
         from megatron.core.transformer.module import Float16Module
 
@@ -528,21 +609,17 @@ def train(args, build=None) -> Dict:
     config.finalize_model_grads_func = finalize_model_grads  # DP/TP grad reductions, once a step
     config.grad_scale_func = optimizer.scale_loss
 
-    # resume
-    start_step, history = 1, {"steps": [], "losses": [], "eval_steps": [], "eval_losses": []}
-    resumed_from = None
-    if args.load is not None:
-        found = checkpointing.latest_iteration(args.load)
-        if found is not None:
-            saved = checkpointing.read_state(args.load, found)
-            try:
-                checkpointing.check_run_config(saved["run_config"], run_config(args), args.load)
-            except checkpointing.CheckpointError as err:
-                raise SystemExit(f"error: {err}") from None
-            meta = checkpointing.load_checkpoint(args.load, found, model, optimizer, scheduler)
-            start_step, history, resumed_from = found + 1, meta["history"], found
-            for layer in layers:
-                layer.refresh_tucker_vectors()
+    # resume (validate_args verified the checkpoint's manifest and flags)
+    start_step = 1
+    history = {"steps": [], "losses": [], "eval_steps": [], "eval_losses": [], "lrs": [],
+               "value_lrs": []}  # fmt: skip
+    resumed_from = args.resume_iteration
+    if resumed_from is not None:
+        meta = checkpointing.load_checkpoint(args.load, resumed_from, model, optimizer, scheduler)
+        start_step = resumed_from + 1
+        history.update(meta["history"])
+        for layer in layers:
+            layer.refresh_tucker_vectors()
 
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     mbs = args.micro_batch_size
@@ -563,11 +640,16 @@ def train(args, build=None) -> Dict:
         model.train()
         return val
 
-    n_params = sum(p.numel() for p in model.parameters())
-    n_values = sum(p.numel() for p in model.parameters() if getattr(p, "is_ultramem_value", False))
+    def group_lr(value: bool) -> Optional[float]:
+        groups = [g for g in optimizer.param_groups if is_value_group(g) == value]
+        return groups[0]["lr"] if groups else None
+
     tokens_per_step = args.micro_batch_size * args.seq_length
-    steps, losses = history["steps"], history["losses"]
+    steps, losses, lrs = history["steps"], history["losses"], history["lrs"]
     eval_steps, eval_losses = history["eval_steps"], history["eval_losses"]
+    if start_step == 1:  # the untrained model's validation loss: the start of the same measure
+        eval_steps.append(0)
+        eval_losses.append(evaluate())
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
@@ -581,6 +663,8 @@ def train(args, build=None) -> Dict:
     for step in range(start_step, args.train_iters + 1):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
+        lrs.append(group_lr(False))
+        history["value_lrs"].append(group_lr(True))
         reports = forward_backward(
             forward_step_func=forward_step, data_iterator=train_batches, model=[ddp],
             num_microbatches=1, seq_length=args.seq_length, micro_batch_size=mbs,
@@ -603,8 +687,7 @@ def train(args, build=None) -> Dict:
         if args.save is not None and args.save_interval and step % args.save_interval == 0:
             checkpointing.save_checkpoint(args.save, step, model, optimizer, scheduler, {
                 "run_config": run_config(args), "consumed_samples": step * mbs * dp_size,
-                "history": {"steps": steps, "losses": losses, "eval_steps": eval_steps,
-                            "eval_losses": eval_losses},
+                "train_iters": args.train_iters, "history": history,
             })  # fmt: skip
             if rank == 0 and progress is None:
                 print(f"saved checkpoint iteration {step} to {args.save}", flush=True)
@@ -626,10 +709,14 @@ def train(args, build=None) -> Dict:
     if progress is not None:
         progress.close()
     trained = args.train_iters - start_step + 1
+    window = min(10, max(1, len(losses) // 5))  # first and last windows never overlap
 
     metrics = {
-        "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "final_train_loss": sum(losses[-window:]) / window,
+        "first_train_loss": sum(losses[:window]) / window,
+        "train_loss_window": window,
         "final_valid_loss": eval_losses[-1],
+        "initial_valid_loss": eval_losses[0] if eval_steps and eval_steps[0] == 0 else None,
         "initial_train_loss": losses[0],
         "train_iters": args.train_iters,
         "resumed_from_iteration": resumed_from,
@@ -641,6 +728,8 @@ def train(args, build=None) -> Dict:
         "memory_layers": len(layers),
         "train_loss": dict(zip(steps, losses)),
         "valid_loss": dict(zip(eval_steps, eval_losses)),
+        "learning_rate": dict(zip(steps, lrs)),
+        "value_learning_rate": dict(zip(steps, history["value_lrs"])),
         "args": vars(args),
         "versions": _versions(),
     }
@@ -653,12 +742,18 @@ def train(args, build=None) -> Dict:
             os.path.join(args.output_dir, "metrics.json"),
             lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2, default=str)),
         )
+        valid_text = (
+            f"validation loss {metrics['initial_valid_loss']:.3f} (untrained) -> "
+            if metrics["initial_valid_loss"] is not None
+            else "validation loss "
+        ) + f"{metrics['final_valid_loss']:.3f} (step {args.train_iters})"
         print(
             f"done: {args.train_iters} steps in {wall:.1f}s"
             + (f" (resumed after {resumed_from})" if resumed_from else "")
             + (f", {metrics['tokens_per_second']:,.0f} tok/s" if trained else "")
-            + f", train loss {losses[0]:.3f} -> {metrics['final_train_loss']:.3f}, "
-            f"valid loss {metrics['final_valid_loss']:.3f}; wrote {png} and metrics.json",
+            + f"; {valid_text}; train loss, mean of {window} step{'s' * (window > 1)}, "
+            f"{metrics['first_train_loss']:.3f} "
+            f"(first) -> {metrics['final_train_loss']:.3f} (last); wrote {png} and metrics.json",
             flush=True,
         )
     return metrics
@@ -688,11 +783,6 @@ def _quiet_megatron() -> None:
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
-    args = build_parser().parse_args(argv)
-    _quiet_megatron()
-    if args.compare:
-        from .experiments.compare import compare
-
-        return compare(args)
-    return train(args)
+def parse_args(argv: Optional[List[str]] = None):
+    """The main job's arguments (one-line errors, exit status 2, on a bad flag)."""
+    return build_parser().parse_args(argv)

@@ -52,3 +52,31 @@ def megatron_world():
         parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(1234)
     yield
+
+
+# ---------------------------------------------------------------------- a main-job checkpoint
+TINY_RUN = [
+    "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--ffn-hidden-size", "64",
+    "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "2", "--eval-interval", "2",
+    "--eval-iters", "1", "--ultramem-layers", "[0,1]", "--ultramem-num-keys", "8",
+    "--ultramem-key-dim", "8", "--ultramem-topm", "4", "--no-progress", "--threads", "1",
+]  # fmt: skip
+"""A main job small enough to run in seconds; its checkpoints (iterations 1 and 2) serve the
+checkpoint tests and the bad-input table's damaged-checkpoint rows."""
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(directory with iterations 1 and 2 of TINY_RUN, the flags it was written with)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("tiny_checkpoint")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_ultramem", *TINY_RUN, "--save", str(root / "ck"),
+         "--save-interval", "1", "--output-dir", str(root / "out")],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(root / "ck"), list(TINY_RUN)

@@ -1,6 +1,6 @@
 """Each version difference that compat.py hides, pinned on the installed megatron-core.
 
-CI runs this file on 0.16.1 and on 0.19.0: a shim whose premise stops being true on one of them
+CI runs this file on 0.16.1 and on 0.19.2 (and it was run on Megatron-LM main, 0.20-dev): a shim whose premise stops being true on one of them
 fails here, not somewhere deep in a model build.
 """
 
@@ -124,3 +124,39 @@ def test_aux_loss_tracker_record_and_discard(megatron_world):
         assert name in get_moe_metrics_tracker().metrics
     compat.discard_aux_loss(name)
     assert name not in compat.aux_loss_entries()
+
+
+def test_muon_exclusion_of_this_release(monkeypatch):
+    """0.20+ route `use_muon = False` parameters to Muon's scalar optimizer and out of the
+    layer-wise optimizer's buffers; before, a 2-D non-embedding parameter such as the value table is
+    Muon's whatever its tags (so the Megatron-LM flags refuse Muon there)."""
+    import sys
+    import types
+
+    table = torch.nn.Parameter(torch.zeros(6, 4))
+    table.use_muon = False
+    if compat.muon_honours_use_muon():
+        from megatron.core.optimizer.emerging_optimizers import _is_muon_excluded
+        from megatron.core.optimizer.layer_wise_optimizer import is_managed_by_layer_wise_optimizer
+
+        assert _is_muon_excluded(table) and not is_managed_by_layer_wise_optimizer(table)
+        assert not _is_muon_excluded(torch.nn.Parameter(torch.zeros(6, 4)))  # untagged: Muon's
+    elif VERSION >= (0, 19):
+        from megatron.core.optimizer import emerging_optimizers
+        from megatron.core.optimizer.layer_wise_optimizer import is_managed_by_layer_wise_optimizer
+
+        # the only exclusion is "non-linear or embedding": the tagged table would be orthogonalized
+        assert not emerging_optimizers._is_nonlinear_or_embedding(table)
+        assert is_managed_by_layer_wise_optimizer(table)
+    else:
+        with pytest.raises(ImportError):
+            import megatron.core.optimizer.emerging_optimizers  # noqa: F401
+    # faked both ways: the shim reads the registry's predicate, not the version number
+    fake = types.ModuleType("megatron.core.optimizer.emerging_optimizers")
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    import megatron.core.optimizer as opt_pkg
+
+    monkeypatch.setattr(opt_pkg, "emerging_optimizers", fake, raising=False)
+    assert not compat.muon_honours_use_muon()
+    fake._is_muon_excluded = lambda p: not getattr(p, "use_muon", True)
+    assert compat.muon_honours_use_muon()

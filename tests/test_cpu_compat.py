@@ -42,3 +42,32 @@ def test_patched_spots_work_on_cpu(megatron_world):
     with get_cuda_rng_tracker().fork():
         b = torch.rand(3)
     assert not torch.equal(a, b)  # the tracked state advanced
+
+
+def test_training_loop_patch_and_its_reversal(megatron_world):
+    """Patch 10 (megatron.training present, 0.17+): pretrain()'s CUDA spots on the CPU, undone by
+    disable(). The whole loop runs in tests/megatron_lm/test_pretrain_loop.py."""
+    import pytest
+
+    training = pytest.importorskip("megatron.training.training")
+    from megatron.core import rerun_state_machine
+    from megatron.training import initialize
+
+    assert not hasattr(training.initialize_megatron, "keywords")  # model-level enable(): untouched
+    assert cpu_compat.enable(training_loop=True) is True
+    assert training.initialize_megatron.keywords == {"allow_no_cuda": True}
+    flags = training.torch.tensor([1, 0], dtype=torch.long, device="cuda")  # as training.py does
+    assert flags.device.type == "cpu" and flags.tolist() == [1, 0]
+    assert initialize.torch.cuda.device_count() == 1
+    torch.manual_seed(3)
+    state = rerun_state_machine.torch.cuda.get_rng_state()
+    assert torch.equal(state, torch.get_rng_state())
+    expected = torch.rand(2)
+    rerun_state_machine.torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.rand(2), expected)  # restoring it replays the CPU stream
+    cpu_compat.disable()
+    try:
+        assert training.torch is torch and initialize.torch is torch
+        assert not hasattr(training.initialize_megatron, "keywords")
+    finally:
+        cpu_compat.enable()

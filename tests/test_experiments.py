@@ -309,7 +309,7 @@ def test_mainjob_records_the_main_job(tmp_path, compare):
         assert blob["ultramem"] > 0 and blob["moe"] > 0 and f"{blob['ultramem']:.4f}" in row[1]
     else:
         assert blob["train_iters"] == 4 and blob["wall_seconds"] > 0
-        assert f"validation {blob['final_valid_loss']:.3f}" in row[1]
+        assert f"-> {blob['final_valid_loss']:.3f}" in row[1]  # validation: untrained -> final
 
 
 def test_readme_results_table_is_built_from_the_committed_files():

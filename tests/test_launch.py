@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
+from megatron_ultramem.cli import BadInput
 from megatron_ultramem.megatron_lm.convert import moe_to_ultramem_argv, split_flags
-from megatron_ultramem.sizing import MoEShape, size_ultramem_like_moe
+from megatron_ultramem.sizing import MoEShape, NoMatch, size_ultramem_like_moe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,9 +82,15 @@ def test_user_knobs_pin_the_sizing_and_stay_single():
     assert flag_value(out, "--ultramem-topm") == "64"
     assert flag_value(out, "--ultramem-aux-loss-alpha") == "0"  # passed through
     assert out.count("--spec") == 1 and "a" not in out
-    out, sizing = moe_to_ultramem_argv(MIXTRAL, mode="replace", overrides={"num_heads": 96})
-    assert sizing.ultramem.num_heads == 96 and flag_value(out, "--ultramem-mode") == "replace"
+    out, sizing = moe_to_ultramem_argv(MIXTRAL, mode="replace", overrides={"num_heads": 128})
+    assert sizing.ultramem.num_heads == 128 and flag_value(out, "--ultramem-mode") == "replace"
+    assert sizing.ultramem.topm <= 1024  # the Triton kernels' limit
     assert flag_value(out, "--ffn-hidden-size") == "14336"  # replace: dense layers keep theirs
+    # replace keeps the experts' flags and EP (the table's columns split over TP x EP)
+    assert flag_value(out, "--num-experts") == "8" and flag_value(out, "--expert-model-parallel-size") == "8"
+    # H pinned too low for m <= 1024: refused with the layouts that fit, not a silent fallback
+    with pytest.raises(NoMatch, match="Triton kernels' limit 1024"):
+        moe_to_ultramem_argv(MIXTRAL, mode="replace", overrides={"num_heads": 96})
 
 
 def test_mixed_pattern_keeps_ffn_and_places_memory_on_moe_layers():
@@ -94,12 +101,12 @@ def test_mixed_pattern_keeps_ffn_and_places_memory_on_moe_layers():
     out, sizing = moe_to_ultramem_argv(argv)
     assert sizing.moe.expert_ffn_hidden_size == 2048 and sizing.moe.topk == 2
     assert flag_value(out, "--ultramem-layers") == "([0]+[1])*2"
-    assert flag_value(out, "--ffn-hidden-size") == "2816"
+    assert flag_value(out, "--ffn-hidden-size") == "2816"  # the dense layers' size, shared
     assert "--moe-router-topk=2" not in out
-    out, _ = moe_to_ultramem_argv(argv + ["--ultramem-layers", "[0,0,0,1]"])
-    assert (
-        flag_value(out, "--ultramem-layers") == "[0,0,0,1]" and out.count("--ultramem-layers") == 1
-    )
+    assert out.count("--ultramem-layers") == 1
+    # a placement other than the one the counts assume is refused, naming the flag
+    with pytest.raises(BadInput, match="--ultramem-layers"):
+        moe_to_ultramem_argv(argv + ["--ultramem-layers", "[0,0,0,1]"])
 
 
 def test_flag_values_parsing():
@@ -122,8 +129,17 @@ SMALL = shlex.split(
 )
 
 
+@pytest.fixture
+def checkout(tmp_path):
+    """A stand-in Megatron-LM checkout: the launchers check that pretrain_gpt.py is there."""
+    root = tmp_path / "Megatron-LM"
+    root.mkdir()
+    (root / "pretrain_gpt.py").write_text("")
+    return str(root)
+
+
 def dry_run(script, args, **env):
-    full_env = dict(os.environ, MEGATRON_LM_PATH="/opt/Megatron-LM", NPROC_PER_NODE="8")
+    full_env = dict(os.environ, NPROC_PER_NODE="8")
     full_env.pop("DRY_RUN", None)
     full_env.update(env)
     proc = subprocess.run(
@@ -142,8 +158,9 @@ def torchrun_line(text):
     return lines[0]
 
 
-def test_single_node_dry_run():
-    proc = dry_run("train_single_node.sh", ["--dry-run", *SMALL], MASTER_PORT="6001")
+def test_single_node_dry_run(checkout):
+    proc = dry_run("train_single_node.sh", ["--dry-run", *SMALL], MASTER_PORT="6001",
+                   MEGATRON_LM_PATH=checkout)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     cmd = torchrun_line(proc.stdout)
     converted, _ = moe_to_ultramem_argv(SMALL)
@@ -151,7 +168,7 @@ def test_single_node_dry_run():
         "-m",
         "megatron_ultramem.megatron_lm.pretrain_gpt",
         "--megatron-lm",
-        "/opt/Megatron-LM",
+        checkout,
     ]
     assert cmd == [
         "torchrun",
@@ -173,9 +190,10 @@ def test_single_node_dry_run():
         DRY_RUN="1",
         ULTRAMEM_ENTRY="patched",
         ULTRAMEM_CONVERT_ARGS="--ultramem-topm 48",
+        MEGATRON_LM_PATH=checkout,
     )
     cmd = torchrun_line(proc.stdout)
-    assert "/opt/Megatron-LM/pretrain_gpt.py" in cmd and flag_value(cmd, "--ultramem-topm") == "48"
+    assert f"{checkout}/pretrain_gpt.py" in cmd and flag_value(cmd, "--ultramem-topm") == "48"
     # megatron-core 0.19: the plugin's own pretrain entry, no checkout needed
     proc = dry_run("train_single_node.sh", SMALL, DRY_RUN="1", ULTRAMEM_ENTRY="plugin",
                    MEGATRON_LM_PATH="")  # fmt: skip
@@ -184,8 +202,9 @@ def test_single_node_dry_run():
     assert cmd[cmd.index("-m") + 1] == "megatron_ultramem.pretrain" and "--megatron-lm" not in cmd
 
 
-def test_multi_node_dry_run():
-    env = dict(NNODES="4", NODE_RANK="2", MASTER_ADDR="node0", MASTER_PORT="29555", DRY_RUN="1")
+def test_multi_node_dry_run(checkout):
+    env = dict(NNODES="4", NODE_RANK="2", MASTER_ADDR="node0", MASTER_PORT="29555", DRY_RUN="1",
+               MEGATRON_LM_PATH=checkout)  # fmt: skip
     proc = dry_run("train_multi_node.sh", SMALL, **env)
     assert proc.returncode == 0, proc.stderr
     cmd = torchrun_line(proc.stdout)
@@ -199,12 +218,14 @@ def test_multi_node_dry_run():
         assert flag_value(cmd, flag) == value
     converted, _ = moe_to_ultramem_argv(SMALL)
     assert cmd[-len(converted) :] == converted
-    missing = dry_run("train_multi_node.sh", SMALL, DRY_RUN="1", NODE_RANK="0", MASTER_ADDR="x")
-    assert missing.returncode != 0 and "NNODES" in missing.stderr
+    missing = dry_run("train_multi_node.sh", SMALL, DRY_RUN="1", NODE_RANK="0", MASTER_ADDR="x",
+                      MEGATRON_LM_PATH=checkout, NNODES="")  # fmt: skip
+    assert missing.returncode == 2 and "NNODES" in missing.stderr
 
 
-def test_slurm_dry_run():
-    env = dict(SLURM_NNODES="3", MASTER_ADDR="node7", DRY_RUN="1", SLURM_GPUS_ON_NODE="4")
+def test_slurm_dry_run(checkout):
+    env = dict(SLURM_NNODES="3", MASTER_ADDR="node7", DRY_RUN="1", SLURM_GPUS_ON_NODE="4",
+               MEGATRON_LM_PATH=checkout)  # fmt: skip
     env.pop("NPROC_PER_NODE", None)
     proc = dry_run("train_slurm.sbatch", SMALL, **env, NPROC_PER_NODE="")
     assert proc.returncode == 0, proc.stderr
@@ -223,13 +244,29 @@ def test_slurm_dry_run():
     )
 
 
+def test_hybrid_model_runs_pretrain_hybrid(checkout):
+    """A --hybrid-layer-pattern model converts to the hybrid stack spec, which the unpatched entry
+    runs through Megatron-LM's pretrain_hybrid.py."""
+    hybrid = shlex.split("--hidden-size 256 --num-experts 4 --moe-router-topk 2 --ffn-hidden-size 512 "
+                         "--hybrid-layer-pattern M*EM*E")  # fmt: skip
+    proc = dry_run("train_single_node.sh", ["--dry-run", *hybrid], MEGATRON_LM_PATH=checkout)
+    assert proc.returncode == 2 and "pretrain_hybrid.py" in proc.stderr  # not in this checkout
+    open(os.path.join(checkout, "pretrain_hybrid.py"), "w").close()
+    proc = dry_run("train_single_node.sh", ["--dry-run", *hybrid], MEGATRON_LM_PATH=checkout)
+    assert proc.returncode == 0, proc.stderr
+    cmd = torchrun_line(proc.stdout)
+    assert flag_value(cmd, "--megatron-lm-script") == "pretrain_hybrid.py"
+    assert flag_value(cmd, "--hybrid-layer-pattern") == "M*-M*-"  # parallel: E -> dense + memory
+    assert cmd[cmd.index("--spec") + 2] == "ultramem_hybrid_stack_spec"
+
+
 def test_missing_megatron_lm_path_is_an_error():
     proc = dry_run("train_single_node.sh", ["--dry-run", *SMALL], MEGATRON_LM_PATH="")
     assert proc.returncode == 2 and "MEGATRON_LM_PATH" in proc.stderr
 
 
 # ---------------------------------------------------------------------- no-patch entry point
-def test_entry_point_takes_out_the_checkout_path(monkeypatch, tmp_path):
+def test_entry_point_takes_out_the_checkout_path(monkeypatch, tmp_path, capsys):
     from megatron_ultramem.megatron_lm import pretrain_gpt as entry
 
     monkeypatch.delenv("MEGATRON_LM_PATH", raising=False)
@@ -240,9 +277,11 @@ def test_entry_point_takes_out_the_checkout_path(monkeypatch, tmp_path):
     assert entry.split_megatron_lm_path(["--megatron-lm=/y", "--c"]) == ("/y", ["--c"])
     monkeypatch.setenv("MEGATRON_LM_PATH", "/env")
     assert entry.split_megatron_lm_path(["--c"]) == ("/env", ["--c"])
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit) as exit_info:
         entry.resolve_script(str(tmp_path))
+    assert exit_info.value.code == 2 and "not found" in capsys.readouterr().err
     (tmp_path / "pretrain_gpt.py").write_text("")
     assert entry.resolve_script(str(tmp_path)) == str(tmp_path / "pretrain_gpt.py")
-    with pytest.raises(SystemExit, match="--megatron-lm PATH"):
+    with pytest.raises(SystemExit) as exit_info:
         entry.resolve_script(None)
+    assert exit_info.value.code == 2 and "--megatron-lm PATH" in capsys.readouterr().err

@@ -5,6 +5,7 @@ python -m pytest -q tests/test_sizing.py
 
 import json
 import math
+import shlex
 
 import pytest
 
@@ -132,7 +133,8 @@ def test_megatron_args_and_cli(capsys):
     assert doc["model"]["moe_total"] == 32 * MIXTRAL.total_params
     assert doc["bytes_per_token_per_layer"]["1"]["moe"] == 2 * MIXTRAL.active_params
     assert sizing.main(argv.split()) == 0
-    assert "Megatron-LM flags: --ultramem-mode parallel" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Megatron-LM flags: --spec megatron_ultramem.megatron_lm ultramem_block_spec --ultramem-mode parallel" in out
 
 
 def test_defaults_and_patterns_agree_with_config():
@@ -145,3 +147,70 @@ def test_defaults_and_patterns_agree_with_config():
         assert fields[name] == value, name
     for spec in (1, 2, 3, "2", "[0,1,1,0,1,0]", "([1]*2+[0])*2"):
         assert sizing.layer_pattern(spec, 6, "x") == parse_layer_pattern(spec, 6)
+
+
+def test_solved_topm_stays_under_the_kernel_limit():
+    """Mode replace on Mixtral needs ~1.0e5 value rows per token: H rises until m <= 1024 (the
+    Triton kernels' limit, kernels/topm.py MAX_M), never a larger m that would fall back to the
+    reference path. A given m above the limit is refused."""
+    from megatron_ultramem.cli import BadInput
+    from megatron_ultramem.kernels.topm import MAX_M
+
+    s = size_ultramem_like_moe(MIXTRAL, "replace")
+    u = s.ultramem
+    assert u.topm <= MAX_M == sizing.KERNEL_MAX_M
+    # one head fewer would need m above the limit (the smallest H that fits)
+    fixed = sizing._fixed_params(4096, 128, u.num_heads - 1, u.num_keys, 4, 2, 2, 2048)
+    assert (MIXTRAL.active_params - fixed) / ((u.num_heads - 1) * 2048) > MAX_M
+    with pytest.raises(BadInput, match="allowed 1..1024"):
+        size_ultramem_like_moe(MIXTRAL, "replace", topm=MAX_M + 1)
+
+
+def test_topm_pinned_solves_heads():
+    """m given, H free: the H whose activated count is closest to the MoE's."""
+    s = size_ultramem_like_moe(MIXTRAL, "replace", topm=512)
+    u = s.ultramem
+    assert u.topm == 512
+    best = min(range(1, 400), key=lambda H: abs(
+        sizing._fixed_params(4096, 128, H, sizing._solve_num_keys(MIXTRAL.total_params, 4096, 128, H, 4, 2, 2, 2048),
+                             4, 2, 2, 2048) + H * 512 * 2048 - MIXTRAL.active_params))  # fmt: skip
+    assert u.num_heads == best
+
+
+def test_dense_layers_pin_the_mlp_and_options_replace_the_error(capsys):
+    """The issue's DeepSeek-V3 shape: dense layers keep --ffn-hidden-size 18432, which equals the
+    activated experts + shared expert, so mode parallel leaves the memory only the router's
+    7168*256 parameters; sizing prints the layouts that fit (exit 0) with their flags quoted."""
+    argv = shlex.split(
+        "--num-layers 61 --hidden-size 7168 --ffn-hidden-size 18432 --moe-ffn-hidden-size 2048 "
+        "--num-experts 256 --moe-router-topk 8 --moe-shared-expert-intermediate-size 2048 "
+        '--moe-layer-freq "([0]*3+[1]*58)" --swiglu'
+    )
+    assert sizing.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "activated budget 1,835,008 is below" in out and "Layouts that fit" in out
+    assert "--ultramem-layers '([0]*3+[1]*58)'" in out  # quoted: pastes into bash
+    assert "--ffn-hidden-size 13504" not in out  # the dense layers are never shrunk
+    model = sizing.moe_model_from_argv(argv)
+    plan = sizing.plan_conversion(model, "replace")
+    assert plan.ffn_hidden_size == 18432 and plan.memory.topm <= sizing.KERNEL_MAX_M
+
+
+def test_ep_kept_in_replace_and_dropped_in_parallel():
+    argv = shlex.split("--num-layers 4 --hidden-size 1024 --num-experts 8 --moe-router-topk 2 "
+                       "--swiglu --ffn-hidden-size 2816 --expert-model-parallel-size 4 "
+                       "--tensor-model-parallel-size 2")  # fmt: skip
+    model = sizing.moe_model_from_argv(argv)
+    replace = sizing.plan_conversion(model, "replace")
+    assert replace.keep_moe_flags and replace.shards == 8 and replace.memory.value_dim % 8 == 0
+    assert any("TP x EP = 2 x 4" in n for n in replace.notes)
+    parallel = sizing.plan_conversion(model, "parallel")
+    assert not parallel.keep_moe_flags and parallel.shards == 2
+    assert any("--expert-model-parallel-size 4 dropped" in n for n in parallel.notes)
+    # bytes per GPU: the tables split 8 ways vs 2 ways
+    assert parallel.value_bytes_per_gpu() / parallel.num_memories / parallel.memory.num_values == pytest.approx(
+        2.0 * parallel.memory.value_dim / 2)  # fmt: skip
+    from megatron_ultramem.cli import BadInput
+
+    with pytest.raises(BadInput, match="--ultramem-value-dim 511 must be divisible"):
+        sizing.plan_conversion(model, "parallel", {"value_dim": 511})

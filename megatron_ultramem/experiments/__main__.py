@@ -22,40 +22,55 @@ the README's results table from the results files' JSON (`--check`: fail if it i
 """
 
 import argparse
+import os
+import shlex
 import sys
+
+from ..cli import ArgumentParser, check_writable, fail, float_in, int_at_least
+
+
+def _num_keys(text: str) -> str:
+    """--num-keys: comma-separated n >= 1 (validated; scaling.py splits the string)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 1 (n, keys per side), got {text!r}"
+        )
+    return ",".join(parts)
 
 
 def _training_flags(q: argparse.ArgumentParser, seeds_help: str) -> None:
+    pos = int_at_least(1)
     q.add_argument("--quick", action="store_true", help="CI smoke size (well under 60 s)")
-    q.add_argument("--seeds", type=int, default=None, help=seeds_help)
+    q.add_argument("--seeds", type=pos, default=None, help=seeds_help)
     q.add_argument("--out", default="benchmarks/results", help="where the .md and .png go")
     q.add_argument("--work", default=None,
                    help="data cache and per-run JSON, shared by quality/ablations/scaling "
                    "(default: a folder in the temp dir)")  # fmt: skip
-    q.add_argument("--train-iters", type=int, default=None, help="override the step count")
-    q.add_argument("--entities", type=int, default=None, help="override the corpus' entity count")
+    q.add_argument("--train-iters", type=pos, default=None, help="override the step count")
+    q.add_argument("--entities", type=pos, default=None, help="override the corpus' entity count")
     q.add_argument("--fresh", action="store_true", help="ignore finished runs saved under --work")
-    q.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    q.add_argument("--wait-load", type=float, default=None, metavar="L",
+    q.add_argument("--threads", type=pos, default=None, help="torch intra-op threads")
+    q.add_argument("--wait-load", type=float_in(0.0, low_open=True), default=None, metavar="L",
                    help="before each run, wait until the 1-minute load average is below L")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m megatron_ultramem.experiments")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = ArgumentParser(prog="python -m megatron_ultramem.experiments", allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     q = sub.add_parser("quality", help="dense, MoE, PKM, UltraMem: loss, fact recall, tokens/s")
     _training_flags(q, "seeds per variant (default 3; --quick 2)")
     a = sub.add_parser("ablations", help="UltraMem without IVE / TDQKR / MCS / value-LR decay, old init")
     _training_flags(a, "seeds per ablation and for the UltraMem baseline (default 2)")
     s = sub.add_parser("scaling", help="UltraMem at several value-table sizes, fixed activated params")
     _training_flags(s, "seeds per size (default 2)")
-    s.add_argument("--num-keys", default=None,
+    s.add_argument("--num-keys", type=_num_keys, default=None,
                    help="comma-separated n (keys per side, N = n^2); default 20,40,79,112")
     d = sub.add_parser("decode", help="one decode step of the MLP slot: latency, bytes read")
     d.add_argument("--quick", action="store_true", help="CI smoke size")
     d.add_argument("--out", default="benchmarks/results")
-    d.add_argument("--repeats", type=int, default=None, help="timed repeats per (config, batch)")
-    d.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    d.add_argument("--repeats", type=int_at_least(1), default=None, help="timed repeats per (config, batch)")
+    d.add_argument("--threads", type=int_at_least(1), default=None, help="torch intra-op threads")
     d.add_argument("--no-profile", action="store_true", help="skip the profiler section")
     m = sub.add_parser("mainjob", help="run the main job (or --compare) and record it")
     m.add_argument("--compare", action="store_true", help="record `python -m megatron_ultramem --compare`")
@@ -71,10 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate(args) -> None:
+    """Paths and the main job's flags, checked before any run (one line, exit status 2)."""
+    for flag in ("out", "work"):
+        path = getattr(args, flag, None)
+        if path is not None:
+            check_writable(path, f"--{flag}")
+    if args.command == "readme":
+        if not os.path.isdir(args.results):
+            fail(f"--results {args.results}: no such directory (the benchmarks/results folder)")
+        if not os.path.isfile(args.readme):
+            fail(f"--readme {args.readme}: no such file (the README.md to update)")
+    if args.command == "mainjob":
+        try:
+            flags = shlex.split(args.flags)
+        except ValueError as err:
+            fail(f"--flags {args.flags!r}: not a shell word list ({err})")
+        from .. import train
+
+        train.parse_args(flags)  # the main job's own check of its flags (exit status 2)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "seeds", None) is not None and args.seeds < 1:
-        raise SystemExit("error: --seeds must be >= 1")
+    validate(args)
     if args.command == "quality":
         from . import quality
 

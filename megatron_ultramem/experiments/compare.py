@@ -70,15 +70,16 @@ def moe_like_ultramem(args, max_experts: int = 64) -> Tuple[MoEShape, Dict[str, 
 
 
 def _check_args(args) -> None:
+    from ..cli import fail
+
     if args.ultramem_mode == "skip":
-        raise SystemExit("error: --compare needs --ultramem-mode parallel or replace (a MoE block "
-                         "takes one layer's slot; a skip unit spans layers)")  # fmt: skip
+        fail("--compare needs --ultramem-mode parallel or replace (a MoE block takes one layer's "
+             "slot; a skip unit spans layers)")  # fmt: skip
     for flag in ("save", "load"):
         if getattr(args, flag) is not None:
-            raise SystemExit(f"error: --compare does not take --{flag} (it trains two models)")
+            fail(f"--compare does not take --{flag} (it trains two models)")
     if args.tensor_model_parallel_size != 1 or args.expert_model_parallel_size != 1:
-        raise SystemExit("error: --compare runs with --tensor-model-parallel-size 1 and "
-                         "--expert-model-parallel-size 1")  # fmt: skip
+        fail("--compare runs with --tensor-model-parallel-size 1 and --expert-model-parallel-size 1")
 
 
 def _check_matched(u: Dict[str, int], m: Dict[str, int]) -> Dict[str, float]:

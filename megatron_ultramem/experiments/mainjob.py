@@ -75,17 +75,19 @@ def main(args) -> int:
                 f"| wall time, whole command | {wall:.1f} s (target < {MAIN_BUDGET_S} s) |",
                 f"| training loop ({r['train_iters']} steps, {a['micro_batch_size']} x {a['seq_length']} "
                 f"tokens) | {r['wall_seconds']:.1f} s, {r['tokens_per_second']:,.0f} tokens/s |",
-                f"| train loss (byte LM, nats/byte) | {r['initial_train_loss']:.3f} -> "
-                f"{r['final_train_loss']:.3f} (mean of the last 10 steps) |",
-                f"| validation loss | {r['final_valid_loss']:.3f} |",
+                f"| train loss (byte LM, nats/byte), mean of {r['train_loss_window']} steps | "
+                f"{r['first_train_loss']:.3f} (first) -> {r['final_train_loss']:.3f} (last) |",
+                f"| validation loss | {r['initial_valid_loss']:.3f} (untrained) -> "
+                f"{r['final_valid_loss']:.3f} |",
                 f"| model | {r['model']}, {r['parameters']:,} params, {r['memory_layers']} memory "
                 f"layers, {r['value_table_parameters']:,} value-table params |",
                 "", f"Loss curve: `{os.path.basename(png)}`.",
             ]  # fmt: skip
             numbers = dict(
                 wall_seconds=wall, train_iters=r["train_iters"],
-                tokens_per_second=r["tokens_per_second"], first_train_loss=r["initial_train_loss"],
-                final_train_loss=r["final_train_loss"], final_valid_loss=r["final_valid_loss"],
+                tokens_per_second=r["tokens_per_second"], first_train_loss=r["first_train_loss"],
+                final_train_loss=r["final_train_loss"], train_loss_window=r["train_loss_window"],
+                initial_valid_loss=r["initial_valid_loss"], final_valid_loss=r["final_valid_loss"],
             )  # fmt: skip
         report.write_report(md, lines, command, **numbers)
     print(f"wrote {md} ({wall:.0f} s)")

@@ -1,12 +1,19 @@
-"""The README's "Measured results" table, built only from the committed result files.
+"""The generated parts of the docs: the README's "Measured results" table, built only from the
+committed result files, and the printed output of the sizing / convert commands shown in the
+README and in examples/mixtral_to_ultramem.md.
 
     python -m megatron_ultramem.experiments readme [--results benchmarks/results] [--readme README.md]
-    python -m megatron_ultramem.experiments readme --check   # exit 1 if README.md is out of date
+    python -m megatron_ultramem.experiments readme --check   # exit 1 if a file is out of date
 
-Each row reads one JSON file that a benchmark wrote next to its .md (report.write_report), so a
-number in the README always has a file with its command, date, machine and load behind it. The
-table replaces the lines between `<!-- results:begin -->` and `<!-- results:end -->`. A missing
+Each results row reads one JSON file that a benchmark wrote next to its .md (report.write_report),
+so a number in the README always has a file with its command, date, machine and load behind it.
+The table replaces the lines between `<!-- results:begin -->` and `<!-- results:end -->`. A missing
 file gives a row that says so instead of a number.
+
+Command outputs: a ```bash block holding one `python -m megatron_ultramem.sizing ...` or
+`python -m megatron_ultramem.megatron_lm.convert ...` command, followed by `<!-- output:begin -->`
+and `<!-- output:end -->`, gets what that command prints (stdout, then its stderr notes) between
+the two markers. The commands run in-process (standard library only, deterministic).
 """
 
 import json
@@ -15,6 +22,11 @@ import sys
 from typing import Dict, List, Optional
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+OUT_BEGIN, OUT_END = "<!-- output:begin -->", "<!-- output:end -->"
+OUTPUT_MODULES = ("megatron_ultramem.sizing", "megatron_ultramem.megatron_lm.convert")
+DOC_FILES = ("examples/mixtral_to_ultramem.md",)
+"""Markdown files besides the README whose command outputs are generated (paths from the README's
+folder)."""
 
 
 def _load(results: str, name: str) -> Optional[Dict]:
@@ -35,11 +47,22 @@ def _source(blob: Dict) -> str:
 
 
 def main_job_row(r: Dict) -> List[str]:
+    if "train_loss_window" in r:  # like with like: means over equal windows, validation before/after
+        losses = (
+            f"train loss (mean of {r['train_loss_window']} step{'s' * (r['train_loss_window'] > 1)}) "
+            f"{r['first_train_loss']:.3f} -> "
+            f"{r['final_train_loss']:.3f}, validation {r['initial_valid_loss']:.3f} (untrained) -> "
+            f"{r['final_valid_loss']:.3f}"
+        )
+    else:  # a results file written before the windows were recorded
+        losses = (
+            f"train loss {r['first_train_loss']:.3f} (step 1) -> {r['final_train_loss']:.3f} (mean "
+            f"of the last 10 steps), validation {r['final_valid_loss']:.3f}"
+        )
     return [
         "main job, default flags",
         f"{r['wall_seconds']:.0f} s wall ({r['train_iters']} steps, {r['tokens_per_second']:,.0f} "
-        f"tokens/s); loss {r['first_train_loss']:.3f} -> {r['final_train_loss']:.3f}, validation "
-        f"{r['final_valid_loss']:.3f}",
+        f"tokens/s); {losses}",
     ]
 
 
@@ -136,20 +159,75 @@ def render(readme_text: str, results: str) -> str:
     return head + BEGIN + "\n" + "\n".join(table(results)) + "\n" + END + tail
 
 
+def _command_before(text: str, at: int) -> str:
+    """The ```bash block that ends right before position `at`, as one line."""
+    head = text[:at].rstrip()
+    if not head.endswith("```"):
+        raise SystemExit(f"{OUT_BEGIN} at offset {at} does not follow a ```bash block")
+    start = head.rfind("```bash\n", 0, len(head) - 3)
+    body = head[start + len("```bash\n") : -3]
+    return " ".join(line.rstrip("\\").strip() for line in body.strip().splitlines())
+
+
+def run_command(command: str) -> str:
+    """What `command` (python -m <one of OUTPUT_MODULES> ...) prints, stdout then stderr."""
+    import contextlib
+    import importlib
+    import io
+    import shlex
+
+    argv = shlex.split(command)
+    if argv[:2] != ["python", "-m"] or argv[2] not in OUTPUT_MODULES:
+        raise SystemExit(f"output block after {command!r}: only {', '.join(OUTPUT_MODULES)} run here")
+    from ..cli import run_main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        code = run_main(importlib.import_module(argv[2]).main, argv[3:])
+    if code != 0:
+        raise SystemExit(f"{command!r} exited with {code}: {buf.getvalue()[-2000:]}")
+    return buf.getvalue()
+
+
+def render_outputs(text: str) -> str:
+    """`text` with every output block (module doc) filled in from its command."""
+    out, pos = [], 0
+    while True:
+        at = text.find(OUT_BEGIN, pos)
+        if at < 0:
+            return "".join(out) + text[pos:]
+        end = text.find(OUT_END, at)
+        if end < 0:
+            raise SystemExit(f"{OUT_BEGIN} at offset {at} has no {OUT_END}")
+        printed = run_command(_command_before(text, at))
+        out.append(text[pos:at] + OUT_BEGIN + "\n```text\n" + printed.rstrip("\n") + "\n```\n")
+        pos = end
+
+
 def main(args) -> int:
-    with open(args.readme) as f:
-        text = f.read()
-    new = render(text, args.results)
+    """Regenerate (or with --check, compare) the README and DOC_FILES."""
+    files = [args.readme] + [os.path.join(os.path.dirname(os.path.abspath(args.readme)), f) for f in DOC_FILES]
+    stale = []
+    for path in files:
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            text = f.read()
+        new = render(text, args.results) if path == args.readme else text
+        new = render_outputs(new)
+        if new == text:
+            continue
+        stale.append(path)
+        if not args.check:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(new)
+            os.replace(tmp, path)
     if args.check:
-        if new != text:
-            print(f"{args.readme} is out of date: run python -m megatron_ultramem.experiments readme",
+        for path in stale:
+            print(f"{path} is out of date: run python -m megatron_ultramem.experiments readme",
                   file=sys.stderr)  # fmt: skip
-            return 1
-        return 0
-    if new != text:
-        tmp = args.readme + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(new)
-        os.replace(tmp, args.readme)
-    print(f"{args.readme}: results table from {args.results}")
+        return 1 if stale else 0
+    print(f"{args.readme}: results table from {args.results}; command outputs in "
+          f"{', '.join(os.path.relpath(f) for f in files)}")  # fmt: skip
     return 0

@@ -44,9 +44,38 @@ def versions() -> Dict[str, str]:
     }
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def portable(args) -> List[str]:
+    """Arguments with no path of this machine: absolute paths inside the repository become
+    relative to its root; outside it, `--work`'s value becomes W (the README's name for the run
+    cache) and any other one DIR."""
+    out, previous = [], None
+    for arg in args:
+        if os.path.isabs(arg):
+            inside = os.path.relpath(arg, REPO_ROOT)
+            if not inside.startswith(".."):
+                arg = inside
+            else:
+                arg = "W" if previous == "--work" else "DIR"
+        out.append(arg)
+        previous = arg
+    return out
+
+
 def command_line() -> str:
-    """The command as typed: `python -m megatron_ultramem.experiments ...`."""
-    return "python -m megatron_ultramem.experiments " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command as typed: `python -m megatron_ultramem.experiments ...` (portable paths)."""
+    return "python -m megatron_ultramem.experiments " + " ".join(
+        shlex.quote(a) for a in portable(sys.argv[1:])
+    )
+
+
+def _where() -> str:
+    rel = os.path.relpath(os.getcwd(), REPO_ROOT)
+    if rel == ".":
+        return "the repository root"
+    return f"`{rel}` in the repository" if not rel.startswith("..") else "outside the repository"
 
 
 def header(title: str, command: str, load_before: str, load_after: str) -> List[str]:
@@ -67,7 +96,7 @@ def header(title: str, command: str, load_before: str, load_after: str) -> List[
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "",
-        f"Command (from `{os.getcwd()}`): `{command}`",
+        f"Command (from {_where()}): `{command}`",
         "",
         "Machine load (`uptime`; the 2 cores are shared with other engineers' processes):",
         f"- before: `{load_before}`",

@@ -17,8 +17,9 @@ import functools
 import importlib.util
 import inspect
 import re
-import warnings
 from typing import Callable, Dict, List, Optional
+
+from ..warn import warn_user
 
 SPEC_MODULE = "megatron_ultramem.megatron_lm"
 SPEC_NAME = "ultramem_block_spec"
@@ -88,55 +89,97 @@ def _choices() -> Dict[str, tuple]:
     }
 
 
-def _argparse_kwargs(f: dataclasses.Field) -> dict:
-    default = f.default
+def _numeric_types() -> Dict[str, Callable]:
+    """argparse types of the numeric fields: the allowed range in the message, nan/inf refused
+    (the same bounds as UltraMemConfig.validate_ultramem)."""
+    from ..cli import float_in, int_at_least
+
+    positive = int_at_least(1)
+    return {
+        **{name: positive for name in (
+            "ultramem_num_keys", "ultramem_key_dim", "ultramem_value_dim", "ultramem_expansion",
+            "ultramem_tucker_rank", "ultramem_num_cores", "ultramem_num_heads", "ultramem_topm")},
+        "ultramem_seed": int_at_least(0),
+        "ultramem_aux_loss_alpha": float_in(0.0),
+        "ultramem_aux_loss_tau": float_in(0.0),
+        "ultramem_value_lr_mult": float_in(0.0, low_open=True),
+        "ultramem_value_lr_decay_rate": float_in(0.0, low_open=True),
+    }  # fmt: skip
+
+
+def _argparse_kwargs(f: dataclasses.Field, default=dataclasses.MISSING) -> dict:
+    """add_argument keywords of one field; `default` replaces the field's default."""
+    default = f.default if default is dataclasses.MISSING else default
     help_text = _field_docs().get(f.name, "").replace("%", "%%")
-    kwargs = {"default": default, "dest": f.name, "help": help_text}
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif default is None:
+        shown = "--seed" if f.name == "ultramem_seed" else "None"
+    else:
+        shown = default
+    kwargs = {"default": default, "dest": f.name, "help": f"{help_text} (default: {shown})"}
     choices = _choices()
+    numeric = _numeric_types()
     if f.name in choices:
         return {**kwargs, "type": str, "choices": choices[f.name]}
     if f.name == "ultramem_layers":
         return {**kwargs, "type": _layers_type, "metavar": "N|PATTERN"}
     if f.name == "ultramem_skip_units":
         return {**kwargs, "type": str, "metavar": '"i:j,i:j,..."'}
-    if f.name == "ultramem_value_dim":
-        return {**kwargs, "type": int, "metavar": "DV"}
-    if isinstance(default, bool):
+    if f.name in numeric:
+        return {**kwargs, "type": numeric[f.name], "metavar": f.name.split("_", 1)[1].upper()}
+    if isinstance(f.default, bool):
         return {**kwargs, "action": argparse.BooleanOptionalAction}
-    if isinstance(default, (int, float, str)):
-        return {**kwargs, "type": type(default)}
+    if isinstance(f.default, (int, float, str)):
+        return {**kwargs, "type": type(f.default)}
     raise TypeError(
-        f"UltraMemConfig.{f.name} has no command-line flag rule (default {default!r}): add one in "
+        f"UltraMemConfig.{f.name} has no command-line flag rule (default {f.default!r}): add one in "
         "megatron_ultramem/megatron_lm/arguments.py"
     )
 
 
-def add_ultramem_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_ultramem_args(
+    parser: argparse.ArgumentParser,
+    defaults: Optional[Dict[str, object]] = None,
+    logging_flags: bool = True,
+) -> argparse.ArgumentParser:
     """extra_args_provider for Megatron-LM: adds the `--ultramem-*` flags and returns the parser.
+
+    The one definition of the flags, shared by Megatron-LM's scripts, `python -m
+    megatron_ultramem.pretrain` and the main job (`python -m megatron_ultramem`). `defaults`
+    ({field: value}) replaces field defaults (the main job's small model); `logging_flags=False`
+    leaves out the two Megatron-LM logging switches. Every help text ends with the default.
 
     Idempotent: a parser that already has them (the patch and the entry point both registered the
     provider) is returned unchanged.
     """
     if "--ultramem-mode" in getattr(parser, "_option_string_actions", {}):
         return parser
+    defaults = dict(defaults or {})
     group = parser.add_argument_group(
         "UltraMem", f"UltraMem memory layers; active with {SPEC_FLAG} (megatron-ultramem)"
     )
     for f in ultramem_fields():
-        group.add_argument(flag_name(f.name), **_argparse_kwargs(f))
+        group.add_argument(
+            flag_name(f.name), **_argparse_kwargs(f, defaults.pop(f.name, dataclasses.MISSING))
+        )
+    if defaults:
+        raise TypeError(f"add_ultramem_args: no such UltraMem field(s) {sorted(defaults)}")
+    if not logging_flags:
+        return parser
     group.add_argument(
         "--ultramem-log-stats",
         dest="ultramem_log_stats",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="Log retrieval statistics (fraction of the value table touched, mean top-1/top-m "
-        "scores) next to the Tucker aux loss and singular values.",
+        "scores) next to the Tucker aux loss and singular values. (default: on)",
     )
     group.add_argument(
         "--ultramem-per-layer-logging",
         dest="ultramem_per_layer_logging",
         action="store_true",
-        help="Also log the aux loss and retrieval statistics of each memory layer.",
+        help="Also log the aux loss and retrieval statistics of each memory layer. (default: off)",
     )
     return parser
 
@@ -270,7 +313,7 @@ def validate_ultramem_args(args) -> None:
     if not ultramem_spec_in_use(args):
         changed = _changed_flags(args)
         if changed:
-            warnings.warn(
+            warn_user(
                 f"{', '.join(changed)} given but --spec does not select the UltraMem spec, so they "
                 f"have no effect: add {SPEC_FLAG}"
             )
@@ -291,9 +334,16 @@ def validate_ultramem_args(args) -> None:
     impl = getattr(args, "transformer_impl", "transformer_engine")
     if impl not in ("transformer_engine", "local"):
         raise ValueError(
-            f"--transformer-impl {impl} is not supported with {SPEC_FLAG}; allowed: "
+            f"--transformer-impl {impl} is not supported with --spec {' '.join(spec)}; allowed: "
             "transformer_engine, local"
+            + (
+                " (with inference_optimized Megatron's model builders use their own inference "
+                "layer spec and drop --spec: the model would have no memory layers)"
+                if impl == "inference_optimized"
+                else ""
+            )
         )
+    _refuse_switches_that_break_memories(args, spec)
     if impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
         raise ValueError(
             "--transformer-impl transformer_engine (Megatron-LM's default) but transformer_engine "
@@ -332,6 +382,56 @@ def validate_ultramem_args(args) -> None:
                 "--ultramem-mode replace (the memory replaces those MoE blocks), other layers in "
                 f"{where}, or no --num-experts (dense MLPs everywhere)"
             )
+
+
+MUON_OPTIMIZERS = ("muon", "dist_muon", "adaptive_muon")
+"""--optimizer values that orthogonalize 2-D parameters unless tagged `use_muon = False`."""
+ELEMENTWISE_OPTIMIZERS = ("adam", "sgd", "lion")
+"""--optimizer values that update each element on its own (a sparse table's rows stay independent)."""
+
+
+def _refuse_switches_that_break_memories(args, spec) -> None:
+    """Megatron-LM switches under which a memory layer would build and train, but wrongly, without
+    an error: refused before any work, naming the flag and what is allowed."""
+    spec_flag = f"--spec {' '.join(spec)}"
+    if getattr(args, "inference_fuse_tp_communication", False):
+        raise ValueError(
+            f"--inference-fuse-tp-communication cannot be combined with {spec_flag}: the fused "
+            "layer hands the residual to mlp.linear_fc2 and skips the MLP's bias-dropout-add, which "
+            "a memory layer in the MLP slot does not take; allowed: leave it off"
+        )
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    etp = getattr(args, "expert_tensor_parallel_size", None) or tp
+    for flag, name, size, size_flag in (
+        ("--tensor-parallel-num-weight-shards", "tensor_parallel_num_weight_shards", tp,
+         "--tensor-model-parallel-size"),
+        ("--expert-tensor-parallel-num-weight-shards", "expert_tensor_parallel_num_weight_shards",
+         etp, "--expert-tensor-parallel-size"),
+    ):  # fmt: skip
+        shards = getattr(args, name, None)
+        if shards is not None and shards != size:
+            raise ValueError(
+                f"{flag} {shards} cannot be combined with {spec_flag}: generalized tensor "
+                "parallelism (weight rematerialization) would shard Megatron's linears, the "
+                "memory's output projection among them, over a weight-shard group the memory does "
+                "not know, while its value table stays column-sharded over tensor x expert "
+                f"parallelism only; allowed: leave it unset or equal to {size_flag} ({size})"
+            )
+    optimizer = getattr(args, "optimizer", "adam") or "adam"
+    from .. import compat
+
+    allowed = ELEMENTWISE_OPTIMIZERS + (MUON_OPTIMIZERS if compat.muon_honours_use_muon() else ())
+    if optimizer not in allowed:
+        why = (
+            f"megatron-core {compat.megatron_core_version()} does not honour the value table's "
+            "`use_muon = False` tag (0.20 does), so Muon would orthogonalize the table's updates"
+            if optimizer in MUON_OPTIMIZERS
+            else "it preconditions every 2-D parameter as a matrix, the value table included"
+        )
+        raise ValueError(
+            f"--optimizer {optimizer} cannot be combined with {spec_flag}: {why}; allowed: "
+            + ", ".join(allowed)
+        )
 
 
 def _validate_hybrid_args(args) -> None:

@@ -1,199 +1,170 @@
 """Rewrite a MoE model's Megatron-LM arguments into the UltraMem model of the same size.
 
-    python -m megatron_ultramem.megatron_lm.convert [--mode parallel|replace] \
-        [--ultramem-topm 64 ...] [--format lines|shell|json] -- <MoE pretrain_gpt.py arguments>
+    python -m megatron_ultramem.megatron_lm.convert [--mode parallel|replace] \\
+        [--ultramem-topm 64 ...] [--format lines|shell|json|report] -- <MoE pretrain_gpt.py arguments>
 
-What changes (everything else is passed through in order):
-- dropped: --num-experts, every --moe-* flag, --expert-model-parallel-size,
-  --expert-tensor-parallel-size, --overlap-moe-expert-parallel-comm (with their values);
-- dropped and re-added: --spec (-> megatron_ultramem.megatron_lm ultramem_block_spec), any
-  --ultramem-* flag given in the MoE arguments (kept as given; also pins that knob in the sizing);
-- added: the --ultramem-* flags of `sizing.size_ultramem_like_moe` for the MoE blocks read from the
-  arguments (--hidden-size, --num-layers, --ffn-hidden-size, --moe-ffn-hidden-size, --num-experts,
-  --moe-router-topk, --moe-layer-freq, --moe-shared-expert-intermediate-size, --swiglu), placed on
-  the MoE layers (--ultramem-layers = --moe-layer-freq);
-- mode 'parallel': --ffn-hidden-size becomes the dense MLP size beside each memory. When the MoE
-  pattern leaves dense layers they share --ffn-hidden-size, so it is kept and the memory is sized
-  around it (topm solved) instead.
+The plan (which layers, which memory, what happens to the MoE flags) is `sizing.plan_conversion`,
+the same one `python -m megatron_ultramem.sizing` prints; this module only rewrites the argument
+list around it. Everything not named below is passed through in order.
+
+- added: `Plan.megatron_args()`: `--spec megatron_ultramem.megatron_lm ultramem_block_spec` (or
+  `ultramem_hybrid_stack_spec` for a `--hybrid-layer-pattern` model) and the --ultramem-* flags;
+  mode 'parallel' also --ffn-hidden-size (the dense MLP beside each memory; the dense layers' size
+  when the model has dense layers) and, for a hybrid model, the pattern with E turned into '-';
+- dropped and re-added: --spec and any flag that the plan sets (a --ultramem-* sizing knob given in
+  the MoE arguments pins that value in the plan, then appears once);
+- mode 'parallel' drops --num-experts, every --moe-* flag, --expert-model-parallel-size,
+  --expert-tensor-parallel-size and --overlap-moe-expert-parallel-comm (with their values): the
+  memory sits beside a dense MLP, and Megatron-LM takes EP > 1 only with --num-experts;
+- mode 'replace' keeps them (the memories replace every MoE block, so no expert is built, and EP
+  keeps splitting each value table's columns over TP x EP); --expert-tensor-parallel-size is dropped
+  only when it differs from the TP size (UltraMem needs them equal).
+What the plan decided about EP, shared experts and dense layers is printed as `note:` lines on
+stderr (formats lines/shell; in the JSON and the report too). A layout with no solution prints the
+layouts that fit, with their numbers and the options that select them, and exits with status 2.
 
 Imports only the standard library and `megatron_ultramem.sizing` (the launch scripts call it).
 """
 
-import argparse
 import json
-import re
 import shlex
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..sizing import MoEShape, Sizing, report, size_ultramem_like_moe
+from ..cli import ArgumentParser, BadInput, run_main
+from ..sizing import (
+    KNOB_FLAGS,
+    NoMatch,
+    Plan,
+    _last,
+    add_plan_options,
+    moe_model_from_argv,
+    options_report,
+    plan_from_argv,
+    report,
+    split_flags,
+)
 
-SPEC = ["megatron_ultramem.megatron_lm", "ultramem_block_spec"]
-DROP_PREFIXES = ("--moe-",)
-DROP_FLAGS = {
+__all__ = ["moe_to_ultramem_argv", "split_flags", "rewrite_argv", "main"]
+
+MOE_PREFIXES = ("--moe-",)
+MOE_FLAGS = {
     "--num-experts",
     "--expert-model-parallel-size",
     "--expert-tensor-parallel-size",
     "--overlap-moe-expert-parallel-comm",
-    "--spec",
 }
-# Knobs the sizing solves or fixes; given in the MoE argv they pin that value.
-SIZING_KNOBS = {
-    "--ultramem-key-dim": "key_dim",
-    "--ultramem-num-heads": "num_heads",
-    "--ultramem-topm": "topm",
-    "--ultramem-expansion": "expansion",
-    "--ultramem-tucker-rank": "tucker_rank",
-    "--ultramem-num-cores": "num_cores",
-    "--ultramem-value-dim": "value_dim",
-}
-_NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-def _is_value(token: str) -> bool:
-    return not token.startswith("--") or bool(_NUMBER.match(token))
-
-
-def split_flags(argv: Sequence[str]) -> List[Tuple[str, List[str]]]:
-    """[(flag, [values])] in order; `--flag=value` becomes ('--flag', ['value']). Tokens before the
-    first flag come as ('', [tokens])."""
-    items: List[Tuple[str, List[str]]] = []
-    for token in argv:
-        if token.startswith("--") and not _NUMBER.match(token):
-            if "=" in token:
-                flag, value = token.split("=", 1)
-                items.append((flag, [value]))
-            else:
-                items.append((token, []))
-        elif items:
-            items[-1][1].append(token)
-        else:
-            items.append(("", [token]))
-    return items
-
-
-def _last(items, flag, default=None):
-    values = [v for f, v in items if f == flag]
-    if not values:
-        return default
-    return values[-1][0] if values[-1] else True
-
-
-def moe_shape_from_argv(argv: Sequence[str]) -> MoEShape:
-    """The MoE blocks described by Megatron-LM arguments (Megatron's defaults where absent)."""
+def rewrite_argv(argv: Sequence[str], plan: Plan) -> List[str]:
+    """`argv` with the plan applied (see the module doc)."""
     items = split_flags(argv)
-
-    def need(flag):
-        value = _last(items, flag)
-        if value is None:
-            raise ValueError(f"the MoE arguments have no {flag}")
-        return value
-
-    hidden = int(need("--hidden-size"))
-    ffn = int(_last(items, "--ffn-hidden-size", 4 * hidden))
-    return MoEShape(
-        hidden_size=hidden,
-        num_experts=int(need("--num-experts")),
-        topk=int(_last(items, "--moe-router-topk", 2)),
-        expert_ffn_hidden_size=int(_last(items, "--moe-ffn-hidden-size", ffn)),
-        num_layers=int(need("--num-layers")),
-        gated=bool(_last(items, "--swiglu", False)),
-        moe_layer_freq=_last(items, "--moe-layer-freq", 1),
-        shared_expert_ffn_hidden_size=int(_last(items, "--moe-shared-expert-intermediate-size", 0)),
-    )
-
-
-def moe_to_ultramem_argv(
-    argv: Sequence[str],
-    mode: str = "parallel",
-    overrides: Optional[Dict[str, int]] = None,
-    ffn_multiple_of: int = 64,
-) -> Tuple[List[str], Sizing]:
-    """MoE pretrain_gpt.py arguments -> (UltraMem arguments, the sizing behind them).
-
-    `overrides`: sizing knobs by keyword (key_dim, num_heads, topm, expansion, tucker_rank,
-    num_cores, value_dim, dense_ffn_hidden_size) on top of --ultramem-* flags found in `argv`.
-    """
-    items = split_flags(argv)
-    moe = moe_shape_from_argv(argv)
-    knobs = {}
-    for flag, key in SIZING_KNOBS.items():
-        value = _last(items, flag)
-        if value is not None:
-            knobs[key] = int(value)
-    knobs.update(overrides or {})
-    user_mode = _last(items, "--ultramem-mode")
-    if user_mode is not None:
-        mode = user_mode
-    if mode == "parallel" and "dense_ffn_hidden_size" not in knobs and not all(moe.layers):
-        # Dense layers keep --ffn-hidden-size, and memory layers share it.
-        knobs["dense_ffn_hidden_size"] = int(_last(items, "--ffn-hidden-size", 4 * moe.hidden_size))
-    sizing = size_ultramem_like_moe(moe, mode, ffn_multiple_of=ffn_multiple_of, **knobs)
-
-    generated = sizing.megatron_args()
     user_layers = _last(items, "--ultramem-layers")
-    if user_layers is not None:  # the user's placement wins over "memory where the MoE blocks were"
-        generated[generated.index("--ultramem-layers") + 1] = user_layers
-    generated_flags = {t for t in generated if t.startswith("--")}
+    if user_layers is not None and user_layers != plan.layers_text:
+        raise BadInput(
+            f"--ultramem-layers {user_layers!r} in the MoE arguments: the converter puts the "
+            f"memories where the sizing counts them ({plan.layers_text!r}); remove it (or choose "
+            "fewer memories with --moe-layers-per-memory)"
+        )
+    generated = plan.megatron_args()
+    replaced = {t for t in generated if t.startswith("--")} | {"--spec", "--ultramem-mode"}
+    replaced |= set(KNOB_FLAGS) | {"--hybrid-layer-pattern", "--hybrid-override-pattern"}
     out: List[str] = []
     for flag, values in items:
         if not flag:
             out += values
             continue
-        if flag in DROP_FLAGS or flag.startswith(DROP_PREFIXES) or flag in generated_flags:
+        if flag in replaced:
+            continue
+        moe_flag = flag in MOE_FLAGS or flag.startswith(MOE_PREFIXES)
+        if moe_flag and not plan.keep_moe_flags:
+            continue
+        if flag == "--expert-tensor-parallel-size" and plan.drop_etp:
             continue
         out += [flag, *values]
-    out += ["--spec", *SPEC, *generated]
-    return out, sizing
+    return out + generated
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def moe_to_ultramem_argv(
+    argv: Sequence[str],
+    mode: Optional[str] = None,
+    overrides: Optional[Dict[str, int]] = None,
+    ffn_multiple_of: int = 64,
+    moe_layers_per_memory: int = 1,
+) -> Tuple[List[str], Plan]:
+    """MoE pretrain_gpt.py arguments -> (UltraMem arguments, the plan behind them).
+
+    `overrides`: sizing knobs by keyword (key_dim, num_heads, topm, expansion, tucker_rank,
+    num_cores, value_dim, dense_ffn_hidden_size) on top of --ultramem-* flags found in `argv`.
+    Raises BadInput (bad arguments) or NoMatch (no layout of that mode fits; `.options` fit).
+    """
+    options = build_parser().parse_args([])
+    options.mode = mode
+    options.ffn_multiple_of = ffn_multiple_of
+    options.moe_layers_per_memory = moe_layers_per_memory
+    for key, value in (overrides or {}).items():
+        setattr(options, key, value)
+    _, plan = plan_from_argv(options, argv)
+    return rewrite_argv(argv, plan), plan
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m megatron_ultramem.megatron_lm.convert",
+        usage="%(prog)s [options] -- MOE_ARGS...",
         description="MoE Megatron-LM arguments -> UltraMem arguments of the same total and "
         "activated parameters. Put the MoE arguments after '--'.",
+        allow_abbrev=False,
     )
-    p.add_argument("--mode", choices=("parallel", "replace"), default="parallel")
+    add_plan_options(p)
     p.add_argument(
         "--format",
         choices=("lines", "shell", "json", "report"),
         default="lines",
-        help="lines: one argument per line (for bash mapfile); shell: one quoted line; "
-        "json: arguments and sizing; report: the sizing report",
+        help="lines: one argument per line (for bash mapfile; default); shell: one quoted line; "
+        "json: arguments and plan; report: the sizing report",
     )
-    for flag in SIZING_KNOBS:
-        p.add_argument(flag, type=int, dest=SIZING_KNOBS[flag])
-    p.add_argument("--dense-ffn-hidden-size", type=int)
-    p.add_argument("--ffn-multiple-of", type=int, default=64)
-    p.add_argument("moe_args", nargs=argparse.REMAINDER)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    moe_args = list(args.moe_args)
-    if moe_args and moe_args[0] == "--":
-        moe_args = moe_args[1:]
-    overrides = {
-        key: getattr(args, key)
-        for key in list(SIZING_KNOBS.values()) + ["dense_ffn_hidden_size"]
-        if getattr(args, key) is not None
-    }
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        build_parser().parse_known_args(argv)  # --help, or an option's own error, first
+        raise BadInput(
+            "put the MoE model's Megatron-LM arguments after '--', e.g. convert --mode replace -- "
+            "--num-layers 32 --hidden-size 4096 --num-experts 8 ..."
+        )
+    cut = argv.index("--")
+    args = build_parser().parse_args(argv[:cut])
+    moe_args = argv[cut + 1 :]
     try:
-        out, sizing = moe_to_ultramem_argv(moe_args, args.mode, overrides, args.ffn_multiple_of)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        _, plan = plan_from_argv(args, moe_args)
+    except NoMatch as err:
+        print(options_report(moe_model_from_argv(moe_args), err), file=sys.stderr)
+        choices = "; ".join(f"[{i}] {' '.join(o.choose)}" for i, o in enumerate(err.options, 1))
+        raise BadInput(
+            f"{err.reason}; "
+            + (f"choose a layout that fits (numbers above): {choices}" if choices else
+               "no other layout fits: lower --ultramem-key-dim / --ultramem-value-dim")  # fmt: skip
+        ) from None
+    out = rewrite_argv(moe_args, plan)
     if args.format == "lines":
+        bad = [t for t in out if "\n" in t]
+        if bad:
+            raise BadInput(f"argument {bad[0]!r} contains a newline: use --format shell or json")
         print("\n".join(out))
     elif args.format == "shell":
         print(shlex.join(out))
     elif args.format == "json":
-        print(json.dumps({"argv": out, "sizing": sizing.as_dict()}, indent=2))
+        print(json.dumps({"argv": out, "sizing": plan.as_dict()}, indent=2))
     else:
-        print(report(sizing))
+        print(report(plan))
+    if args.format in ("lines", "shell"):
+        for note in plan.notes:
+            print(f"note: {note}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -38,14 +38,15 @@ Retrieval statistics protocol. A layer may provide
 without it get a `RetrievalStatsRecorder` that wraps the instance's `retrieve` to collect the same.
 """
 
+import contextlib
 import functools
 import inspect
-import warnings
 from typing import Dict, Iterable, List, Optional
 
 import torch
 
 from ..optim import UltraMemParamScheduler, add_value_config_overrides, is_value_group
+from ..warn import warn_user
 from .arguments import add_ultramem_args, chain_args_providers, ultramem_spec_in_use
 
 _MARK = "_ultramem_hook"
@@ -429,7 +430,7 @@ def _wrap_get_optimizer(original):
                 margs.ultramem_value_weight_decay,
             )
         else:
-            warnings.warn(
+            warn_user(
                 f"megatron-ultramem: {original.__name__} takes no config_overrides; the value "
                 "tables share the LR of the other parameters"
             )
@@ -464,6 +465,86 @@ def _wrap_get_scheduler(original):
     return get_optimizer_param_scheduler
 
 
+def memories_in_moe_layers(args) -> List[int]:
+    """0-based layers that Megatron-LM's training_log counts as MoE layers but that hold a memory.
+
+    training_log averages the MoE metrics (load-balancing loss, z-loss, ...) over the MoE layers it
+    counts from the flags: `--moe-layer-freq` over `--num-layers` for GPT, the `E` symbols of
+    `--hybrid-layer-pattern` for HybridModel. With `--ultramem-mode replace` some of those layers
+    hold a memory instead and contribute nothing, so the average would be too small.
+    """
+    if getattr(args, "ultramem_mode", None) != "replace":
+        return []  # parallel / skip: memories sit beside dense MLPs only (validated)
+    from .arguments import _ArgsView, memory_layer_pattern, moe_layer_pattern
+
+    if _hybrid_pattern(args):
+        from ..hybrid import validate_hybrid_pattern
+
+        return validate_hybrid_pattern(_ArgsView(args), _hybrid_pattern(args))
+    if not getattr(args, "num_experts", None):
+        return []
+    moe, memory = moe_layer_pattern(args), memory_layer_pattern(args)
+    return [i for i, (a, b) in enumerate(zip(moe, memory)) if a and b]
+
+
+@contextlib.contextmanager
+def moe_layer_count_without_memories(args):
+    """While the block runs, the flags training_log counts MoE layers from leave out the memories.
+
+    GPT: `args.moe_layer_freq` becomes the 0/1 list of the remaining MoE layers. HybridModel: the
+    memories' `E` symbols in `args.hybrid_layer_pattern` become `-` (counted as dense MLP layers,
+    which is what the memory's slot is in Megatron's FLOP terms too). With no MoE layer left,
+    `args.num_experts` is None, so training_log reports no MoE metrics (megatron-core 0.20 raises
+    "MoE metrics require at least one MoE layer" otherwise). Everything is restored afterwards.
+    """
+    memories = memories_in_moe_layers(args) if getattr(args, "num_experts", None) else []
+    if not memories:
+        yield
+        return
+    saved = {k: getattr(args, k) for k in ("moe_layer_freq", "hybrid_layer_pattern", "num_experts")
+             if hasattr(args, k)}  # fmt: skip
+    try:
+        pattern = _hybrid_pattern(args)
+        if pattern:
+            args.hybrid_layer_pattern = _without_memories(pattern, set(memories))
+            left = args.hybrid_layer_pattern.split("/")[0].count("E")
+        else:
+            from .arguments import moe_layer_pattern
+
+            moe = moe_layer_pattern(args)
+            args.moe_layer_freq = [0 if i in memories else m for i, m in enumerate(moe)]
+            left = sum(args.moe_layer_freq)
+        if left == 0:
+            args.num_experts = None
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(args, k, v)
+
+
+def _hybrid_pattern(args) -> Optional[str]:
+    """--hybrid-layer-pattern when the HybridModel spec is in use, else None."""
+    from .arguments import HYBRID_SPEC_NAME
+
+    if list(getattr(args, "spec", None) or [])[-1:] != [HYBRID_SPEC_NAME]:
+        return None
+    return getattr(args, "hybrid_layer_pattern", None)
+
+
+def _without_memories(pattern: str, memories) -> str:
+    """The hybrid pattern with the main part's `E` at the memory layers (0-based, '|' skipped) as
+    `-`; the MTP part after '/' is kept."""
+    main, sep, mtp = pattern.partition("/")
+    out, layer = [], 0
+    for symbol in main:
+        if symbol == "|":
+            out.append(symbol)
+            continue
+        out.append("-" if layer in memories and symbol == "E" else symbol)
+        layer += 1
+    return "".join(out) + sep + mtp
+
+
 def _wrap_training_log(original):
     signature = inspect.signature(original)
 
@@ -486,6 +567,8 @@ def _wrap_training_log(original):
                 from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
 
                 _HOOKS.log(iteration, get_tensorboard_writer(), get_wandb_writer())
+            with moe_layer_count_without_memories(margs):
+                return original(*args, **kwargs)
         return original(*args, **kwargs)
 
     return training_log
@@ -525,6 +608,15 @@ _TARGETS = (
 )
 
 
+_OPTIONAL = (
+    # core_r0.16 only: 0.19+ build Muon through get_megatron_optimizer
+    ("megatron.training.training.get_megatron_muon_optimizer",),
+    # validate_args: imported into initialize (core_r0.16), called from arguments (0.19+)
+    ("megatron.training.initialize.validate_args", "megatron.training.arguments.validate_args"),
+)
+"""Groups of _TARGETS of which a release has at least one (a lone entry: may be absent)."""
+
+
 def _patch(module, name, make_wrapper) -> bool:
     original = getattr(module, name, None)
     if original is None:
@@ -559,6 +651,11 @@ def install_megatron_lm_hooks(register_args: bool = False) -> List[str]:
         (installed if _patch(module, name, make_wrapper) else missing).append(
             f"{module_name}.{name}"
         )
+    # A release has only some of the alternatives (_OPTIONAL): missing only if none is there.
+    for group in _OPTIONAL:
+        absent = [t for t in group if t in missing]
+        if len(group) == 1 or len(absent) < len(group):
+            missing = [t for t in missing if t not in absent]
     if register_args:
         arguments = importlib.import_module("megatron.training.arguments")
         original = getattr(arguments.parse_args, "__wrapped__", None) or arguments.parse_args
@@ -572,7 +669,7 @@ def install_megatron_lm_hooks(register_args: bool = False) -> List[str]:
                 _patch(module, "parse_args", _wrap_parse_args)
                 installed.append(f"{module_name}.parse_args")
     if missing:
-        warnings.warn(
+        warn_user(
             "megatron-ultramem: these Megatron-LM functions were not found, their UltraMem hooks "
             f"are not installed: {', '.join(missing)}"
         )

@@ -26,6 +26,8 @@ import runpy
 import sys
 from typing import List, Optional, Sequence, Tuple
 
+from ..cli import fail
+
 ENV_VAR = "MEGATRON_LM_PATH"
 
 
@@ -44,7 +46,7 @@ def _take_option(argv: Sequence[str], flag: str) -> Tuple[Optional[str], List[st
         token = argv[i]
         if token == flag:
             if i + 1 >= len(argv):
-                raise SystemExit(f"{flag} needs a value")
+                fail(f"{flag} needs a value: a path (a Megatron-LM checkout or a script name)")
             value, i = argv[i + 1], i + 2
             continue
         if token.startswith(flag + "="):
@@ -56,14 +58,20 @@ def _take_option(argv: Sequence[str], flag: str) -> Tuple[Optional[str], List[st
 
 
 def resolve_script(path: Optional[str], script: str = "pretrain_gpt.py") -> str:
+    """The script's path in the checkout; refuses (exit status 2) a missing or wrong checkout."""
     if not path:
-        raise SystemExit(
+        fail(
             f"Megatron-LM checkout not given: pass --megatron-lm PATH or set {ENV_VAR} "
             "(a clone of github.com/NVIDIA/Megatron-LM, e.g. branch core_r0.16.0)"
         )
-    full = os.path.join(os.path.abspath(os.path.expanduser(path)), script)
+    root = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(root):
+        fail(f"--megatron-lm {path}: no such directory (a Megatron-LM checkout)")
+    if os.path.basename(script) != script or not script.endswith(".py"):
+        fail(f"--megatron-lm-script {script}: expected a script name in the checkout, e.g. pretrain_gpt.py or pretrain_hybrid.py")
+    full = os.path.join(root, script)
     if not os.path.isfile(full):
-        raise SystemExit(f"{full} not found: is {path} a Megatron-LM checkout?")
+        fail(f"--megatron-lm {path}: {full} not found: is {path} a Megatron-LM checkout (allowed scripts: pretrain_gpt.py, pretrain_hybrid.py)?")
     return full
 
 

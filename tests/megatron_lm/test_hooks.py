@@ -6,6 +6,7 @@ statistics, metrics, and the Megatron-LM wrappers installed on stand-in `megatro
 
 import sys
 import types
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -185,7 +186,10 @@ def test_megatron_lm_wrappers(fake_megatron, layer, monkeypatch):
     s = fake_megatron
     t = s.modules["megatron.training.training"]
     original_log = t.training_log
-    with pytest.warns(UserWarning, match="get_megatron_muon_optimizer"):
+    # get_megatron_muon_optimizer (core_r0.16 only) and arguments.validate_args (0.19+) are absent
+    # here, as one or the other is in every release: not worth a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         installed = hooks_mod.install_megatron_lm_hooks()
     assert "megatron.training.training.get_megatron_optimizer" in installed
     assert hooks_mod.install_megatron_lm_hooks() == installed  # idempotent
@@ -225,14 +229,69 @@ def test_megatron_lm_wrappers(fake_megatron, layer, monkeypatch):
     assert t.training_log is original_log
 
 
+def test_a_missing_hook_target_is_named(fake_megatron):
+    del fake_megatron.modules["megatron.training.training"].training_log
+    with pytest.warns(UserWarning, match=r"not installed: megatron\.training\.training\.training_log$"):
+        hooks_mod.install_megatron_lm_hooks()
+
+
 def test_wrappers_pass_through_for_other_models(fake_megatron, layer):
     from megatron.core.optimizer import AdamOptimizerConfig
 
     s = fake_megatron
     s.args.spec = None
     t = s.modules["megatron.training.training"]
-    with pytest.warns(UserWarning):
-        hooks_mod.install_megatron_lm_hooks()
+    hooks_mod.install_megatron_lm_hooks()
     optimizer = t.get_megatron_optimizer(AdamOptimizerConfig(lr=1.0), [layer])
     assert s.overrides is None and not hasattr(optimizer.step, "__wrapped__")
     assert type(t.get_optimizer_param_scheduler(optimizer)).__name__ == "OptimizerParamScheduler"
+
+
+def test_memories_leave_the_moe_layer_count_of_training_log(fake_megatron, layer):
+    """Megatron-LM's training_log averages the MoE metrics over the MoE layers it counts from the
+    flags (--moe-layer-freq; the E symbols of --hybrid-layer-pattern); while it runs, the flags
+    count only the layers that still hold a MoE."""
+    from megatron_ultramem.megatron_lm.arguments import add_ultramem_args
+    import argparse
+
+    seen = []
+    t = fake_megatron.modules["megatron.training.training"]
+
+    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale=1.0):
+        a = fake_megatron.args
+        seen.append((a.num_experts, a.moe_layer_freq, a.hybrid_layer_pattern))
+
+    t.training_log = training_log
+    hooks_mod.install_megatron_lm_hooks()
+    base = vars(add_ultramem_args(argparse.ArgumentParser()).parse_args([]))
+    cases = [
+        # GPT, MoE every layer, memories replace the MoE of layers 1 and 3 (0-based)
+        (dict(spec=["megatron_ultramem.megatron_lm", "ultramem_block_spec"], num_layers=4,
+              num_experts=8, moe_layer_freq=1, hybrid_layer_pattern=None,
+              ultramem_mode="replace", ultramem_layers="[0,1,0,1]"),
+         (8, [1, 0, 1, 0], None)),
+        # HybridModel: E layers 1 and 5 of the main pattern become memories; the MTP part stays
+        (dict(spec=["megatron_ultramem.megatron_lm", "ultramem_hybrid_stack_spec"], num_layers=6,
+              num_experts=8, moe_layer_freq=1, hybrid_layer_pattern="*E*E|*E/*E",
+              ultramem_mode="replace", ultramem_layers="[0,1,0,0,0,1]"),
+         (8, 1, "*-*E|*-/*E")),
+        # every MoE replaced: no MoE metrics at all (0.20 raises on zero MoE layers)
+        (dict(spec=["megatron_ultramem.megatron_lm", "ultramem_block_spec"], num_layers=4,
+              num_experts=8, moe_layer_freq=[1, 1, 0, 0], hybrid_layer_pattern=None,
+              ultramem_mode="replace", ultramem_layers="[1,1,0,0]"),
+         (None, [0, 0, 0, 0], None)),
+        # parallel memories sit beside dense MLPs: nothing to change
+        (dict(spec=["megatron_ultramem.megatron_lm", "ultramem_block_spec"], num_layers=4,
+              num_experts=8, moe_layer_freq=[1, 0, 1, 0], hybrid_layer_pattern=None,
+              ultramem_mode="parallel", ultramem_layers="[0,1,0,1]"),
+         (8, [1, 0, 1, 0], None)),
+    ]  # fmt: skip
+    for fields, during in cases:
+        args = SimpleNamespace(**{**base, "ultramem_num_keys": 8, "ultramem_key_dim": 16,
+                                  "ultramem_topm": 4, "tensorboard_dir": None, **fields})  # fmt: skip
+        fake_megatron.args = args
+        t.training_log({}, {}, 1.0, 1)
+        assert seen[-1] == during
+        # restored after the call
+        assert (args.num_experts, args.moe_layer_freq, args.hybrid_layer_pattern) == (
+            fields["num_experts"], fields["moe_layer_freq"], fields["hybrid_layer_pattern"])

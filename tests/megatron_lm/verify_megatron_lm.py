@@ -340,6 +340,10 @@ def run_torchrun(variant, tp, case, nproc=2, mlm=None, ep=1, timeout=900, builde
             r = json.loads(line[len("VERIFY ") :])
             reports[r["rank"]] = r
     assert proc.returncode == 0 and len(reports) == nproc, proc.stdout[-4000:] + proc.stderr[-8000:]
+    for rank, r in sorted(reports.items()):  # the numbers docs/megatron_lm.md records (pytest -rA)
+        print(f"{case} {builder} tp={tp} ep={ep} rank={rank}: loss={r['loss']} "
+              f"value_grad_sq={r['value_grad_sq']:.6f} values_shape={r['values_shape']} "
+              f"memory_layers={r['memory_layers']} model={r['model']}")  # fmt: skip
     return reports
 
 
