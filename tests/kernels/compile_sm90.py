@@ -436,14 +436,15 @@ def _arg_index(v, name):
     return (list(v["signature"]).index(name),) if name in v["signature"] else None
 
 
-def failures(v, r) -> list:
-    """The checks of the module docstring, for one analyzed variant."""
+def failures(v, r, streams_rows=None) -> list:
+    """The checks of the module docstring, for one analyzed variant (the row-load checks for
+    the GATHER_KERNELS, or where `streams_rows` says so: the self-check's controls)."""
     bad = []
     if r["spill_instructions"] or r["local_bytes"]:
         bad.append(f"spills: {r['spill_instructions']} STL/LDL, {r['local_bytes']} local bytes")
     if r["i32_address_products"]:
         bad.append(f"int32 address products at {r['i32_address_products']}")
-    if v["kernel"] in GATHER_KERNELS:
+    if v["kernel"] in GATHER_KERNELS if streams_rows is None else streams_rows:
         if not r["row_loads"]:
             bad.append("no row loads found (markers lost?)")
         if r["barriers_in_row_loops"] or r["barrier_between_row_loads"]:
@@ -519,7 +520,78 @@ def self_check() -> dict:
                    RNE_BY_HAND=False))  # fmt: skip
     res["split_reduce"] = _i32_address_products(ttir)
     res["split_reduce_i64_product"] = bool(re.search(r"arith\.muli [^\n]*: tensor<8x1xi64>", ttir))
+    res["controls"] = controls()
     return res
+
+
+def _compile_checked(fn, args, kwargs, **option_overrides) -> list:
+    """Specialize a launch like `variants`, compile it for sm_90 (options overridden), and
+    return `failures` with the row-load checks on."""
+    options, signature, constexprs, attrs = specialize(fn, args, kwargs)
+    opts = dict(options.__dict__, **option_overrides)
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=opts)
+    v = dict(kernel=fn.__name__, signature=signature, constexprs=constexprs, attrs=attrs,
+             options=options)  # fmt: skip
+    return failures(v, analyze(v, k), streams_rows=True)
+
+
+def controls() -> dict:
+    """The compile checks' negative controls: each check must fail on code that has the defect
+    it looks for (else a clean table proves nothing), and pass on the same code without it.
+
+    - "broadcast row": the forward before issue #16 (a table row loaded as a 1-D [BLOCK_D]
+      vector and broadcast into the 2-D one-hot tile; BLOCK_D = 256 at 2 warps): the layout
+      conversion goes through shared memory with barriers between the unrolled row loads.
+    - "unaligned row" / "aligned row": a [1, BLOCK_D] bf16 row load at Dv = 1000 (not a multiple
+      of 16, so the JIT gives no divisibility hint) without / with the kernels' `Dv // ALIGN *
+      ALIGN` (ALIGN = 8: the shape allows 16-byte vectors): 2-byte loads vs 16-byte ones.
+    - "spilling fwd": the real `_gather_pool_fwd_kernel` at the training launch (bf16, E = 4),
+      compiled with maxnreg = 32 instead of 96: ptxas must spill, and the check must see it."""
+    import triton.language as tl
+
+    @triton.jit
+    def broadcast_row(rows_ptr, blocks_ptr, values_ptr, out_ptr, M, Dv, E_PAD: tl.constexpr,
+                      BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):  # fmt: skip
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        e_idx = tl.arange(0, E_PAD)
+        acc = tl.zeros((E_PAD, BLOCK_D), dtype=tl.float32)
+        for k0 in range(0, M, UNROLL):
+            for u in tl.static_range(UNROLL):
+                row = tl.load(rows_ptr + t * M + k0 + u)
+                blk = tl.load(blocks_ptr + t * M + k0 + u)
+                v = tl.load(values_ptr + row * Dv + offs, eviction_policy="evict_first")
+                hit = (e_idx == blk).to(tl.float32)
+                acc += hit[:, None] * v.to(tl.float32)[None, :]  # [E_PAD, BLOCK_D]
+        tl.store(out_ptr + (t * E_PAD + e_idx[:, None]) * Dv + offs[None, :], acc)
+
+    @triton.jit
+    def row_copy(rows_ptr, values_ptr, out_ptr, M, Dv, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+                 ROUND: tl.constexpr):  # fmt: skip
+        if ROUND:
+            Dv = Dv // ALIGN * ALIGN
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+        acc = tl.zeros((1, BLOCK_D), dtype=tl.float32)
+        for k in range(0, M):
+            row = tl.load(rows_ptr + t * M + k)
+            acc += tl.load(values_ptr + row * Dv + offs, mask=offs < Dv, other=0.0,
+                           eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+        tl.store(out_ptr + t * Dv + offs, acc, mask=offs < Dv)
+
+    bf16 = torch.bfloat16
+    rows, vals = _meta(64, 160, dtype=torch.int64), _meta(1 << 20, 1024, dtype=bf16)
+    out = {"broadcast row": _compile_checked(
+        broadcast_row, (rows, rows, vals, _meta(64, 4, 1024), 160, 1024),
+        dict(E_PAD=4, BLOCK_D=256, UNROLL=4, num_warps=2))}  # fmt: skip
+    vals = _meta(1 << 20, 1000, dtype=bf16)
+    for name, round_ in (("unaligned row", False), ("aligned row", True)):
+        out[name] = _compile_checked(row_copy, (rows, vals, _meta(64, 1000), 160, 1000),
+                                     dict(BLOCK_D=256, ALIGN=8, ROUND=round_, num_warps=1))  # fmt: skip
+    captured = capture(lambda: G.gather_pool_forward(*_gather_inputs(8192, 160, 1 << 20, 1024, 2, bf16), 4))
+    (_, fn, _, args, kwargs), = [c for c in captured if c[0] == "_gather_pool_fwd_kernel"]
+    out["spilling fwd"] = _compile_checked(fn, args, kwargs, maxnreg=32)
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
