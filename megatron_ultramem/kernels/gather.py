@@ -756,6 +756,7 @@ def gather_pool_backward(
     block_k: Optional[int] = None,
     block_d: Optional[int] = None,
     seg: Optional[int] = None,
+    unroll: Optional[int] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernels. No autograd.
 
@@ -771,7 +772,8 @@ def gather_pool_backward(
     - else into a fresh zeroed [N, Dv] tensor in values.dtype (the gradient itself): fp32/fp64
       tables as above; bf16/fp16 tables get their touched rows summed in fp32 and stored rounded
       once by the segmented sum. No [N, Dv] temporary in the accumulation dtype exists.
-    block_k / block_d / seg override the tables (tests: a small seg cuts segments often).
+    block_k / block_d / seg / unroll override the tables (tests: a small seg cuts segments
+    often; a large block_k / unroll makes fewer, wider interpreted steps at 10^4 selections).
     """
     T, M, N, Dv, h = _check_inputs(rows, blocks, scores, values)
     E = grad_pooled.shape[1]
@@ -826,7 +828,7 @@ def gather_pool_backward(
         gidx = (order // M) * E + blocks.reshape(TM)[order]  # grad_pooled row (t, block)
         sc = scores.reshape(TM, h)[order]
         cfg = segment_config(TM, DH, h, grad_pooled.element_size(), num_sms(values.device))
-        cfg = SegmentLaunch(seg or cfg.seg, cfg.lanes, block_d or cfg.block_d, cfg.unroll)
+        cfg = SegmentLaunch(seg or cfg.seg, cfg.lanes, block_d or cfg.block_d, unroll or cfg.unroll)
         _segment_sum(grad_pooled.view(T * E, Dv), gidx, _with_sentinel(sorted_rows), sc, gvalues,
                      h, values_grad_out is not None, cfg)  # fmt: skip
     return gscores, gvalues
