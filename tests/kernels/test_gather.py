@@ -102,9 +102,18 @@ SPLIT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("split", [None, 2, 7], ids=lambda s: f"split{s}")
+# Every split for a 4-byte and a 2-byte table; fp16 (the bf16 kernel with another element type)
+# and fp64 (8-byte rows, fp64 accumulation) at the table's split only: the split count changes
+# the chunking, not the per-dtype code.
+SPLIT_PARAMS = [
+    pytest.param(d, s, id=f"{d}-split{s}")
+    for d, s in [(d, s) for d in (torch.float32, torch.bfloat16) for s in (None, 2, 7)]
+    + [(torch.float16, None), (torch.float64, None)]
+]
+
+
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=_ids)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,split", SPLIT_PARAMS)
 def test_forward_split_matches_reference(case, dtype, split):
     """Selection-split forward (partial fp32 tiles + ordered reduce): same rule as the forward
     test. split=None is the launch table's choice, which must split at these decode sizes."""
@@ -177,12 +186,21 @@ def grads_of(fn, rows, blocks, scores, values, E, grad_out):
     return s.grad, v.grad
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+# fp32/fp64 tables: the atomic kernel by default, the segmented sum when deterministic; bf16/fp16
+# tables take the segmented sum either way (a 2-byte destination never takes atomics), so
+# `deterministic` would launch the same kernels twice there: those run once.
+BWD_PARAMS = [
+    pytest.param(d, det, id=f"{d}-{'deterministic' if det else 'default'}")
+    for d, det in [(d, det) for d in (torch.float32, torch.float64) for det in (False, True)]
+    + [(torch.bfloat16, True), (torch.float16, True)]
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,deterministic", BWD_PARAMS)
 def test_backward_matches_reference(case, dtype, deterministic):
     """fp32/fp64 tables: the atomic kernel by default, the segmented sum when deterministic;
-    bf16/fp16 tables: the segmented sum either way (into a zeroed gradient)."""
+    bf16/fp16 tables: the segmented sum (into a zeroed gradient)."""
     T, M, N, Dv, h, E = case
     rows, blocks, scores, values = make_inputs(case, dtype, seed=1)
     grad_out = randn(T, E, Dv, seed=100)
@@ -309,12 +327,16 @@ def test_segmented_backward_hot_row_and_empty_rows(dest):
     assert err(gs, s_exact) <= 2.0**-7 * s_exact.abs().max().item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("seg", [8, 16])
+# seg 8 and 16 cut the same runs at different places (both cut them many times): one each,
+# paired with the two accumulation dtypes.
+@pytest.mark.parametrize("dtype,seg", [(torch.float32, 8), (torch.float64, 16)],
+                         ids=["fp32-seg8", "fp64-seg16"])  # fmt: skip
 def test_segmented_backward_block_boundaries(dtype, seg):
     """Runs of equal rows cut by many block boundaries (seg = 8 or 16 sorted entries per
     program; runs of up to ~40 entries span up to 6 blocks), deterministic path into a zeroed
-    gradient and into an fp32/fp64 main_grad: equal to float64 to accumulation rounding."""
+    gradient and into an fp32/fp64 main_grad: equal to float64 to accumulation rounding.
+    block_d = 8 > DH = 5: a partial column chunk (the table's 16 would only double the
+    interpreter's per-column scan calls)."""
     case = (9, 13, 6, 10, 2, 3)  # 117 selections over 6 rows
     T, M, N, Dv, h, E = case
     rows, blocks, scores, values = make_inputs(case, dtype, seed=32)
@@ -322,14 +344,14 @@ def test_segmented_backward_block_boundaries(dtype, seg):
     _, gv64 = grads_of(R.weighted_gather_pool, rows, blocks, scores.double(), values.double(), E,
                        grad_out)  # fmt: skip
     _, gv = G.gather_pool_backward(grad_out.to(dtype), rows, blocks, scores, values,
-                                   need_scores=False, deterministic=True, seg=seg)  # fmt: skip
+                                   need_scores=False, deterministic=True, seg=seg, block_d=8)  # fmt: skip
     # sums of <= ~40 products of N(0,1) numbers: a few ulps of ~50 in fp32 (fp64: ~1e-13)
     tol = {torch.float32: 3e-5, torch.float64: 1e-12}[dtype]
     assert err(gv, gv64) <= tol
     main = randn(N, Dv, seed=34).to(dtype)
     start = main.clone()
     G.gather_pool_backward(grad_out.to(dtype), rows, blocks, scores, values, need_scores=False,
-                           deterministic=True, values_grad_out=main, seg=seg)  # fmt: skip
+                           deterministic=True, values_grad_out=main, seg=seg, block_d=8)  # fmt: skip
     assert torch.equal(main, start + gv)  # the same fp sums, added to the old value once
 
 
@@ -397,9 +419,17 @@ def table_param(values, main_dtype, seed, ddp_flag):
     return param
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
-@pytest.mark.parametrize("ddp_flag", [False, True], ids=["plain", "ddp-flag"])
-@pytest.mark.parametrize("main_dtype", list(MAIN_DTYPES), ids=str)
+# fp32 main_grad: atomic and sorted, each plain and with Megatron's flag. bf16/fp16 main_grads
+# always take the sorted path (`deterministic` changes nothing there): sorted only; the flag
+# handling is dtype-independent (the autograd Function), checked on bf16 as well.
+MAIN_PARAMS = [
+    pytest.param(dt, f, d, id=f"{dt}-{'ddp-flag' if f else 'plain'}-{'sorted' if d else 'atomic'}")
+    for dt, f, d in [(torch.float32, f, d) for f in (False, True) for d in (False, True)]
+    + [(torch.bfloat16, False, True), (torch.bfloat16, True, True), (torch.float16, False, True)]
+]
+
+
+@pytest.mark.parametrize("main_dtype,ddp_flag,deterministic", MAIN_PARAMS)
 def test_main_grad_two_micro_batches(main_dtype, ddp_flag, deterministic):
     """The table gradient goes into values.main_grad (no flag needed), twice in a row.
 
