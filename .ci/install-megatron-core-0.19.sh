@@ -24,5 +24,5 @@ if not hasattr(typing, "override"):
     typing.override = lambda f: f
 PY
 # the project as the README installs it (without --ignore-requires-python: numpy etc. stay wheels)
-$PIP install -e "$ROOT[test,dali]"
+$PIP install -e "$ROOT[test,dali,eval]"
 "$VENV/bin/python" -c "import megatron.core, megatron.training.models; print('megatron-core', megatron.core.__version__)"

@@ -18,7 +18,10 @@ def run(argv: Optional[List[str]] = None) -> Dict:
         from .experiments.compare import compare
 
         return compare(args)
-    return train.train(args)
+    at_end = None
+    if args.export_hf is not None:  # the trained model as a Hugging Face folder
+        from .export_hf import export_after_training as at_end
+    return train.train(args, at_end=at_end)
 
 
 def main() -> int:

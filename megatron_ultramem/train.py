@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "there is one, else start); its manifest (sizes, SHA-256) is verified first")
     g.add_argument("--ckpt-step", type=pos, default=None, metavar="N",
                    help="with --load: resume from iteration N instead of the latest")
+    from .hf.folder import output_folder_arg
+
+    g.add_argument("--export-hf", default=None, metavar="DIR", type=output_folder_arg,
+                   help="at the end, write the trained model as a Hugging Face folder (see "
+                   "python -m megatron_ultramem.export_hf)")
     g = p.add_argument_group("comparison")
     g.add_argument("--compare", action="store_true",
                    help="train this UltraMem model and a MoE of matched total and activated "
@@ -295,7 +300,7 @@ def _check_writable(path: str, flag: str) -> None:
 RUN_CONFIG_EXCLUDED = {
     "output_dir", "no_progress", "load", "save", "save_interval", "threads", "data_workers",
     "data_prefetch", "data_backend", "log_interval", "eval_interval", "eval_iters", "data_info",
-    "train_iters", "ckpt_step", "resume_iteration", "compare",
+    "train_iters", "ckpt_step", "resume_iteration", "compare", "export_hf",
 }  # fmt: skip
 """Flags that change neither the model nor the order or content of its updates up to the
 checkpoint. --train-iters may grow on resume: the run is extended, the LR schedule decays to the
@@ -550,7 +555,7 @@ def masked_loss_sum(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), mask.sum()])}
 
 
-def train(args, build=None) -> Dict:
+def train(args, build=None, at_end=None) -> Dict:
     """Run the main job; returns the metrics dict that is also written to metrics.json.
 
     Megatron's training step: DistributedDataParallel (grad buffers, finalize_model_grads), the
@@ -560,6 +565,10 @@ def train(args, build=None) -> Dict:
     `build(args) -> (config, model, name)` replaces the UltraMem model built from the flags (the
     --compare mode trains its MoE through this loop); it runs where the default model is built,
     after the seed is set, and its config must carry what build_optimizer reads.
+
+    `at_end(args, step, model, optimizer, scheduler)` runs on every rank after the last step
+    (__main__ passes the --export-hf export: train.py does not import the export, which reads
+    checkpoints through this module).
     """
     validate_args(args)
     from megatron.core import parallel_state
@@ -706,6 +715,8 @@ def train(args, build=None) -> Dict:
             val = f" val {eval_losses[-1]:.3f}" if eval_steps and eval_steps[-1] == step else ""
             print(f"step {step}/{args.train_iters} loss {loss:.4f}{val} tok/s {rate:,.0f}", flush=True)
     wall = time.perf_counter() - start
+    if at_end is not None:
+        at_end(args, args.train_iters, model, optimizer, scheduler)
     if progress is not None:
         progress.close()
     trained = args.train_iters - start_step + 1

@@ -80,3 +80,17 @@ def tiny_checkpoint(tmp_path_factory):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return str(root / "ck"), list(TINY_RUN)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint, tmp_path_factory):
+    """(the Hugging Face folder of tiny_checkpoint's latest iteration, a `--for pretrain` import of
+    it: a Megatron-LM-style release checkpoint). Needs the `hf` extra."""
+    pytest.importorskip("transformers", reason="pip install -e '.[hf]'")
+    from megatron_ultramem.export_hf import export
+    from megatron_ultramem.import_hf import import_hf
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    export(tiny_checkpoint[0], str(root / "hf"), quiet=True)
+    import_hf(str(root / "hf"), str(root / "pre"), "pretrain", quiet=True)
+    return str(root / "hf"), str(root / "pre")

@@ -12,11 +12,12 @@ Entry points (ENTRIES) run in-process where the entry checks its arguments befor
 (fast: one import, then microseconds a row), as a subprocess where the real process matters
 (the launchers, and one `sub=True` row per Python entry that runs `python -m ...` for real).
 
-To add an entry point (e.g. the Hugging Face export): one line in ENTRIES, `"export":
+To add an entry point: one line in ENTRIES, e.g. `"export":
 Entry(module="megatron_ultramem.export_hf", call=_main_of("megatron_ultramem.export_hf"))`, then
 rows `Case("export", [...], ("--load", "allowed ..."))`, one line each. `setup` names a function
 of SETUPS that prepares files in the case's directory (a file where a directory is expected, a
-damaged checkpoint, ...).
+damaged checkpoint, ...); one that needs a session fixture (the tiny main-job checkpoint, its
+Hugging Face export) names it in its `fixture` attribute.
 
 python -m pytest -q tests/test_bad_inputs.py
 """
@@ -99,6 +100,8 @@ ENTRIES: Dict[str, Entry] = {
                      call=_main_of("megatron_ultramem.megatron_lm.convert")),  # fmt: skip
     "experiments": Entry(module="megatron_ultramem.experiments",
                          call=_main_of("megatron_ultramem.experiments.__main__")),  # fmt: skip
+    "export": Entry(module="megatron_ultramem.export_hf", call=_main_of("megatron_ultramem.export_hf")),
+    "import": Entry(module="megatron_ultramem.import_hf", call=_main_of("megatron_ultramem.import_hf")),
     "single": Entry(script="launch/train_single_node.sh"),
     "multi": Entry(script="launch/train_multi_node.sh"),
     "slurm": Entry(script="launch/train_slurm.sbatch"),
@@ -125,7 +128,37 @@ def _ck(damage: Optional[Callable] = None):
         if damage:
             damage(d / "ck")
 
-    setup.needs_checkpoint = True
+    setup.fixture = "tiny_checkpoint"
+    return setup
+
+
+def _hf(d, export):
+    """The tiny checkpoint's Hugging Face export as `hf`."""
+    shutil.copytree(export[0], d / "hf")
+
+
+_hf.fixture = "tiny_export"
+
+
+def _megatron_lm(**changes):
+    """A Megatron-LM-style checkpoint (the `--for pretrain` import of the tiny export) as `ck`,
+    its saved arguments changed: a model the export must refuse."""
+
+    def setup(d, export):
+        import argparse
+
+        import torch
+        from megatron.core import dist_checkpointing
+
+        shutil.copytree(os.path.join(export[1], "release"), d / "ck" / "iter_0000001")
+        (d / "ck" / "latest_checkpointed_iteration.txt").write_text("1")
+        common = dist_checkpointing.load_common_state_dict(str(d / "ck" / "iter_0000001"))
+        common["args"] = argparse.Namespace(**{**vars(common["args"]), **changes})
+        # common.pt: where 0.16 keeps the common state, and what 0.19 (which keeps it inside the
+        # torch_dist files) still reads first
+        torch.save(common, d / "ck" / "iter_0000001" / "common.pt")
+
+    setup.fixture = "tiny_export"
     return setup
 
 
@@ -183,6 +216,10 @@ SETUPS = {
     "ck_rng_deleted": _ck(_delete("iter_0000002/rng_rank0.pt")),
     "ck_both_damaged": _ck(_both(_truncate("iter_0000002/ultramem_state.json"), _flip("iter_0000001/__0_0.distcp"))),
     "ck_old_damaged": _ck(_truncate("iter_0000001/__0_0.distcp")),
+    "hf": _hf,
+    "mlm_no_memory": _megatron_lm(ultramem_mode=None),
+    "mlm_moe": _megatron_lm(num_experts=4),
+    "mlm_squared_relu": _megatron_lm(squared_relu=True),
 }
 
 
@@ -291,6 +328,9 @@ CASES = [
     Case("main", ["--data-backend", "spark"], ("--data-backend", "'torch'")),
     Case("main", ["--log-interval", "0"], ("--log-interval", ">= 1")),
     Case("main", ["--compare", "--save", "ck2"], ("--compare does not take --save",)),
+    Case("main", ["--compare", "--export-hf", "hf2"], ("--compare does not take --export-hf",)),
+    Case("main", ["--export-hf", "."], ("--export-hf .: exists and is not empty", "name another folder"), setup="a_file"),
+    Case("main", ["--export-hf", "a_file"], ("--export-hf a_file: exists and is not a directory",), setup="a_file"),
     Case("main", ["--compare", "--ultramem-mode", "skip"], ("--compare needs --ultramem-mode parallel or replace",)),
     Case("main", ["--compare", "--tensor-model-parallel-size", "2"], ("--compare runs with --tensor-model-parallel-size 1",)),
     Case("main", ["--bogus-flag"], ("unrecognized arguments: --bogus-flag",)),
@@ -405,6 +445,36 @@ CASES = [
     Case("experiments", ["mainjob", "--flags", "--train-iters 0"], ("--train-iters", ">= 1")),
     Case("experiments", ["mainjob", "--flags", "'unbalanced"], ("--flags", "not a shell word list")),
     Case("experiments", ["scaling", "--entities", "0"], ("--entities", ">= 1")),
+    # ------------------------------------------------------------ python -m megatron_ultramem.export_hf
+    Case("export", ["--load", "nowhere", "--out", "o"], ("--load nowhere: no such directory",), sub=True),
+    Case("export", ["--out", "o"], ("the following arguments are required: --load",)),
+    Case("export", ["--load", "empty", "--out", "o"], ("--load empty", "no latest_checkpointed_iteration.txt and no metadata.json"), setup="empty_dir"),
+    Case("export", ["--load", "a_file", "--out", "o"], ("--load a_file: not a directory",), setup="a_file"),
+    Case("export", ["--load", "ck", "--out", "o"], ("says '7'", "the checkpoint is partial"), setup="ck_tracker_past"),
+    Case("export", ["--load", "ck", "--out", "o", "--iteration", "9"], ("--iteration 9: ck holds no iter_0000009", "iter_0000001, iter_0000002"), setup="ck"),
+    Case("export", ["--load", "ck", "--out", "o", "--iteration", "-1"], ("--iteration", ">= 0")),
+    Case("export", ["--load", "ck", "--out", "o"], ("iter_0000002/.metadata is missing", "partial"), setup="ck_no_metadata"),
+    Case("export", ["--load", "ck", "--out", "o"], ("iter_0000002/__0_0.distcp is 100 bytes", "--iteration N"), setup="ck_truncated_shard"),
+    Case("export", ["--load", "ck", "--out", "o"], ("iter_0000002/__0_0.distcp does not match its SHA-256",), setup="ck_flipped"),
+    Case("export", ["--load", "ck", "--out", "ck"], ("--out ck: exists and is not empty", "--force"), setup="ck"),
+    Case("export", ["--load", "ck", "--out", "a_file/o"], ("--out a_file/o",), setup="a_file"),
+    Case("export", ["--load", "ck", "--out", "o", "--max-shard-size", "lots"], ("--max-shard-size", "'lots' is not a size")),
+    Case("export", ["--load", "ck", "--out", "o", "--dtype", "int8"], ("--dtype", "'bfloat16'")),
+    Case("export", ["--load", "ck", "--out", "o"], ("--load ck", "no UltraMem memory layers"), setup="mlm_no_memory"),
+    Case("export", ["--load", "ck", "--out", "o"], ("--num-experts",), setup="mlm_moe"),
+    Case("export", ["--load", "ck", "--out", "o"], ("--squared-relu",), setup="mlm_squared_relu"),
+    # ------------------------------------------------------------ python -m megatron_ultramem.import_hf
+    Case("import", ["--hf", "hf", "--save", "hf"], ("--save hf: exists and is not empty", "--force"), setup="hf", sub=True),
+    Case("import", ["--hf", "nowhere", "--save", "s"], ("--hf nowhere: no such directory",)),
+    Case("import", ["--hf", "empty", "--save", "s"], ("--hf empty", "no config.json"), setup="empty_dir"),
+    Case("import", ["--save", "s"], ("the following arguments are required: --hf",)),
+    Case("import", ["--hf", "hf", "--save", "s", "--for", "cluster"], ("--for", "'pretrain'", "'megatron-lm'", "'main-job'")),
+    Case("import", ["--hf", "hf", "--save", "s", "--for", "pretrain", "--", "--lr", "1"], ("flags after --", "need --for main-job"), setup="hf"),
+    Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--hidden-size", "64"], ("--hidden-size 64: the folder's model has 32",), setup="hf"),
+    Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--lr", "abc"], ("main job flags after --", "--lr", "'abc'"), setup="hf"),
+    Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--lr", "0.1", "--min-lr", "1"], ("--min-lr 1.0", "<= --lr"), setup="hf"),
+    Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--tensor-model-parallel-size", "3"], ("--num-attention-heads (2)", "--tensor-model-parallel-size (3)"), setup="hf"),
+    Case("import", ["--hf", "hf", "--save", "s", "--for", "main-job", "--", "--expert-model-parallel-size", "128"], ("--ultramem-value-dim", "1 x 128"), setup="hf"),
     # ------------------------------------------------------------ launch/*.sh (real bash processes)
     Case("single", MOE, ("DRY_RUN=true", "allowed 1"), env={**LAUNCH, "DRY_RUN": "true"}, setup="checkout", issue=True),
     Case("single", MOE, ("NPROC_PER_NODE=abc", "integer >= 1"), env={**LAUNCH, "NPROC_PER_NODE": "abc"}, setup="checkout", issue=True),
@@ -496,6 +566,10 @@ def _run_subprocess(case: Case, env: Dict[str, str], cwd) -> Tuple[int, str]:
     entry = ENTRIES[case.entry]
     env = dict(env, PYTHONWARNINGS="ignore", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     if entry.script:
+        # the launchers run `$PYTHON` and `torchrun`: this interpreter's (a bare `python` from PATH
+        # may be one without megatron-core, which warns on import), unless the case sets PYTHON
+        env.setdefault("PYTHON", sys.executable)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         cmd = ["bash", os.path.join(ROOT, entry.script), *case.argv]
     else:
         cmd = [sys.executable, "-m", entry.module, *case.argv]
@@ -520,8 +594,11 @@ TIMES: Dict[str, float] = {}
 def test_bad_input(case, tmp_path, monkeypatch, request):
     if case.setup:
         setup = SETUPS[case.setup]
-        if getattr(setup, "needs_checkpoint", False):
-            setup(tmp_path, request.getfixturevalue("tiny_checkpoint")[0])
+        fixture = getattr(setup, "fixture", None)
+        if fixture == "tiny_checkpoint":
+            setup(tmp_path, request.getfixturevalue(fixture)[0])
+        elif fixture is not None:
+            setup(tmp_path, request.getfixturevalue(fixture))
         else:
             setup(tmp_path)
     monkeypatch.chdir(tmp_path)

@@ -35,7 +35,7 @@ COMMANDS = [
     # (regex over the whole command, mode, why)
     (r"pip install torch==2\.13\.0 && pip install -e \. && python -m megatron_ultramem", CI,
      "the quick start: CI's first virtualenv"),
-    (r'pip install -e "\.\[test,dali\]" && python -m pytest -q tests', CI, "the test command"),
+    (r'pip install -e "\.\[test,dali,eval\]" && python -m pytest -q tests', CI, "the test command"),
     (r"bash \.ci/install-megatron-core-0\.19\.sh venv-mc019 && venv-mc019/bin/python -m pytest -q tests",
      CI, "CI's second virtualenv"),
     (r"python -m megatron_ultramem\.(sizing|megatron_lm\.convert) [^<]*", RUN, "standard library, instant"),
@@ -45,6 +45,11 @@ COMMANDS = [
      "minutes to an hour of CPU each"),
     (r"python benchmarks/bench_decode\.py", HELP, "minutes of CPU"),
     (r"python -m megatron_ultramem --data-backend dali .*", HELP, "a full main-job run"),
+    (r"python -m megatron_ultramem --save \S+ --save-interval \d+ --export-hf \S+", HELP, "a full main-job run"),
+    (r"python -m megatron_ultramem\.(export_hf --load|import_hf --hf) .*", HELP,
+     "needs a trained checkpoint (tests/test_export_hf.py runs both on one)"),
+    (r"(cd examples/lm_eval && )?lm-eval run --model hf .*", HELP,
+     "needs an exported model (tests/test_export_hf.py runs the local task through lm-eval's API)"),
     (r"torchrun .*-m megatron_ultramem\.pretrain .*", HELP, "pretrain() needs GPUs; placeholders"),
     (r"torchrun .*-m megatron_ultramem\.megatron_lm\.pretrain_gpt --megatron-lm .*", CHECKOUT,
      "a Megatron-LM checkout and GPUs"),
@@ -55,8 +60,12 @@ COMMANDS = [
     (r"git -C \S+ apply .*", CHECKOUT, "patches a clone"),
     (r"MEGATRON_LM_PATH=\S+ .*tests/megatron_lm/verify_megatron_lm\.py.*", CHECKOUT,
      "runs Megatron-LM's scripts from a clone"),
-    (r"python -m pytest -q tests/megatron_lm tests/test_optim\.py tests/test_sizing\.py tests/test_launch\.py",
-     CI, "a subset of the test command"),
+    (r"python -m pytest -q tests/megatron_lm tests/test_optim\.py( tests/\w+\.py)*", CI,
+     "a subset of the test command"),
+    (r"git clone https://github\.com/NVIDIA/Megatron-LM \S+ && git -C \S+ checkout [0-9a-f]{7,40}", CHECKOUT,
+     "a download (Megatron-LM main, for the 0.20 verification)"),
+    (r"python3 -m venv \S+ && PIP=\"\S+ -m pip\"", INSTALL, "the 0.20 verification's virtualenv"),
+    (r"\$PIP install .*", INSTALL, "builds megatron-core from a Megatron-LM clone: minutes, by hand"),
 ]  # fmt: skip
 
 
@@ -138,6 +147,8 @@ SMALL_MOE = "--num-layers 4 --hidden-size 1024 --ffn-hidden-size 2816 --num-expe
 
 def _help_argv(argv):
     """The program of a command, with --help: `python -m X`, `torchrun ... -m X`, a script."""
+    if argv[0] == "lm-eval" or "lm-eval" in argv[:4]:  # the `eval` extra's console script
+        return [sys.executable, "-m", "lm_eval", "run", "--help"]
     if "-m" in argv:
         return [sys.executable, "-m", argv[argv.index("-m") + 1], "--help"]
     script = next(a for a in argv if a.endswith(".py"))

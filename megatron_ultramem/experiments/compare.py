@@ -75,9 +75,9 @@ def _check_args(args) -> None:
     if args.ultramem_mode == "skip":
         fail("--compare needs --ultramem-mode parallel or replace (a MoE block takes one layer's "
              "slot; a skip unit spans layers)")  # fmt: skip
-    for flag in ("save", "load"):
-        if getattr(args, flag) is not None:
-            fail(f"--compare does not take --{flag} (it trains two models)")
+    for flag in ("save", "load", "export_hf"):
+        if getattr(args, flag, None) is not None:
+            fail(f"--compare does not take --{flag.replace('_', '-')} (it trains two models)")
     if args.tensor_model_parallel_size != 1 or args.expert_model_parallel_size != 1:
         fail("--compare runs with --tensor-model-parallel-size 1 and --expert-model-parallel-size 1")
 

@@ -50,8 +50,9 @@ MOE_ARGS = shlex.split(
     "--distributed-backend gloo --transformer-impl local --use-cpu-initialization "
     "--no-persist-layer-norm --no-gradient-accumulation-fusion --no-masked-softmax-fusion "
     "--no-bias-gelu-fusion --no-bias-dropout-fusion --no-rope-fusion "
-    # the memory knobs pinned small (the converter sizes the rest: 25 keys per side)
-    "--ultramem-key-dim 16 --ultramem-topm 4 --ultramem-value-dim 24"
+    # the memory knobs pinned small, H = 2 heads as the checks below expect (the converter sizes
+    # the rest: 25 keys per side)
+    "--ultramem-key-dim 16 --ultramem-topm 4 --ultramem-value-dim 24 --ultramem-num-heads 2"
 )
 ITERS, SAVE_AT = 10, 5
 
