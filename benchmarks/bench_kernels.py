@@ -42,20 +42,20 @@ def gather_fwd_floor(T, M, Dv, E, h, elt, s_elt=4):
     return nbytes, 2 * T * M * Dv
 
 
-def gather_bwd_floor(T, M, Dv, E, h, elt, s_elt=4, distinct_rows=None):
-    """Backward into an fp32 main_grad (no dense gradient materialized).
+def gather_bwd_floor(T, M, Dv, E, h, elt, s_elt=4, distinct_rows=None, g_elt=4):
+    """Backward into a main_grad of g_elt bytes (fp32: 4, bf16: 2; no dense gradient).
 
     Reads: grad_pooled once (T*E*Dv*elt), the selected value rows for grad_scores (T*M*Dv*elt),
-    rows+blocks+scores (T*M*(16 + h*s_elt)). Writes: grad_scores (T*M*h*s_elt) and a read-modify-write
-    of the U <= min(T*M, N) distinct fp32 gradient rows touched (2*U*Dv*4; U = T*M as upper bound).
-    FLOPs = 4*T*M*Dv (grad_scores dot + grad_values FMA).
+    rows+blocks+scores (T*M*(16 + h*s_elt)). Writes: grad_scores (T*M*h*s_elt) and a
+    read-modify-write of the U <= min(T*M, N) distinct gradient rows touched (2*U*Dv*g_elt;
+    U = T*M as upper bound). FLOPs = 4*T*M*Dv (grad_scores dot + grad_values FMA).
     """
     U = T * M if distinct_rows is None else distinct_rows
     nbytes = (
         T * E * Dv * elt
         + T * M * Dv * elt
         + T * M * (2 * IDX_BYTES + 2 * h * s_elt)
-        + 2 * U * Dv * 4
+        + 2 * U * Dv * g_elt
     )
     return nbytes, 4 * T * M * Dv
 
@@ -81,9 +81,9 @@ def topm_phase2_floor(T, H, m, r, h, elt):
 
 FLOOR_FORMULAS = [
     "gather fwd: bytes = T*M*Dv*elt + T*M*(16 + h*s_elt) + T*E*Dv*elt; FLOPs = 2*T*M*Dv",
-    "gather bwd (into fp32 main_grad): bytes = T*E*Dv*elt + T*M*Dv*elt + T*M*(16 + 2*h*s_elt)"
-    " + 2*U*Dv*4 (U = distinct rows of the benchmark's draw); FLOPs = 4*T*M*Dv;"
-    " a dense values grad adds N*Dv*(8 + elt)",
+    "gather bwd (into a main_grad of g_elt bytes: fp32 4, bf16 2): bytes = T*E*Dv*elt +"
+    " T*M*Dv*elt + T*M*(16 + 2*h*s_elt) + 2*U*Dv*g_elt (U = distinct rows of the benchmark's"
+    " draw); FLOPs = 4*T*M*Dv; the dense grad (g_elt = elt) adds its zero-fill N*Dv*elt",
     "topm phase 2: bytes = 2*T*H*m*r*elt + 8*T*H*m; FLOPs = T*H*(2*m*r^2 + 2*m^2*r);"
     " the reference adds 2*T*H*m^2*elt for the grid",
 ]
@@ -170,55 +170,52 @@ def bench_gather(T, M, N, Dv, E, h, dtype, device, reps):
         )
         out[-1][3]["embedding_bag"] = t_e
 
-    distinct = int(torch.unique(rows).numel())  # rows whose fp32 gradient is read-modify-written
-    bb, bf = gather_bwd_floor(T, M, Dv, E, h, elt, scores.element_size(), distinct_rows=distinct)
-    main_grad = torch.zeros(N, Dv, device=device, dtype=torch.float32)
-    t_main = time_fn(
-        lambda: KG.gather_pool_backward(
-            grad, rows, blocks, scores, values, values_grad_out=main_grad
-        ),
-        device,
-        reps,
-    )
-    t_dense = time_fn(
-        lambda: KG.gather_pool_backward(grad, rows, blocks, scores, values), device, reps
-    )
-    t_det = time_fn(
-        lambda: KG.gather_pool_backward(
-            grad, rows, blocks, scores, values, deterministic=True, values_grad_out=main_grad
-        ),
-        device,
-        reps,
-    )
-    times = {"triton main_grad": t_main, "triton dense": t_dense, "triton sorted": t_det}
-    if with_reference:
-        s_ref, v_ref = scores.clone().requires_grad_(), values.clone().requires_grad_()
-        pooled_ref = R.weighted_gather_pool(rows, blocks, s_ref, v_ref, E)
-        times["reference"] = time_fn(
-            lambda: torch.autograd.grad(pooled_ref, (s_ref, v_ref), grad, retain_graph=True),
+    distinct = int(torch.unique(rows).numel())  # rows whose gradient is read-modify-written
+    s_elt = scores.element_size()
+    for dest in (torch.float32, torch.bfloat16):
+        g_elt = torch.finfo(dest).bits // 8
+        bb, bf = gather_bwd_floor(T, M, Dv, E, h, elt, s_elt, distinct_rows=distinct, g_elt=g_elt)
+        main_grad = torch.zeros(N, Dv, device=device, dtype=dest)
+        t_main = time_fn(
+            lambda main_grad=main_grad: KG.gather_pool_backward(
+                grad, rows, blocks, scores, values, values_grad_out=main_grad
+            ),
             device,
             reps,
         )
-        del pooled_ref
-    out.append(("gather bwd", bb, bf, times, {}))
+        times = {"triton": t_main}
+        if with_reference and dest == torch.float32:
+            s_ref, v_ref = scores.clone().requires_grad_(), values.clone().requires_grad_()
+            pooled_ref = R.weighted_gather_pool(rows, blocks, s_ref, v_ref, E)
+            times["reference"] = time_fn(
+                lambda: torch.autograd.grad(pooled_ref, (s_ref, v_ref), grad, retain_graph=True),
+                device,
+                reps,
+            )
+            del pooled_ref
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dest]
+        out.append((f"gather bwd {name} main_grad", bb, bf, times, {}))
+        del main_grad
+    # Without main_grad: the dense gradient in the table dtype (zero-filled), bytes + N*Dv*elt.
+    bb, bf = gather_bwd_floor(T, M, Dv, E, h, elt, s_elt, distinct_rows=distinct, g_elt=elt)
+    t_dense = time_fn(
+        lambda: KG.gather_pool_backward(grad, rows, blocks, scores, values), device, reps
+    )
+    out.append(("gather bwd dense grad", bb + N * Dv * elt, bf, {"triton": t_dense}, {}))
     return out
 
 
 def bench_gather_decode(T, M, N, Dv, E, h, dtype, device, reps, variants=None):
     """Forward at decode sizes: the launch table's choice against fixed configurations.
 
-    variants: {name: dict(block_d=, split=, unroll=, num_warps=)} (None entries = the table's);
-    default: the table ("auto") and the pre-split kernel's configuration ("unsplit": split 1,
-    the widest block, unroll 4). Inputs rotate over sets whose touched rows exceed 2x the L2.
+    variants: {name: dict(block_d=, split=, unroll=, num_warps=)} (missing entries = the
+    table's); default: the table ("auto") and the unsplit single pass ("unsplit": split 1).
+    Inputs rotate over sets whose touched rows exceed 2x the L2.
     """
     values = torch.randn(N, Dv, device=device, dtype=dtype)
     elt = values.element_size()
     fb, ff = gather_fwd_floor(T, M, Dv, E, h, elt, 4)
-    widest = KG._block_d(Dv, max(16, min(256, 4096 // KG._next_pow2(E))))
-    variants = variants or {
-        "auto": {},
-        "unsplit": dict(block_d=widest, split=1, unroll=4),
-    }
+    variants = variants or {"auto": {}, "unsplit": dict(split=1)}
 
     def selections(i):
         r, b, s, _ = gather_inputs(T, M, 1, 1, E, h, torch.float32, device, seed=2000 + i)
@@ -227,7 +224,7 @@ def bench_gather_decode(T, M, N, Dv, E, h, dtype, device, reps, variants=None):
     rot = Rotating(selections, fb, device)
     times, configs = {}, {}
     for name, kw in variants.items():
-        cfg = KG.forward_config(T, M, Dv, E, elt, KG.num_sms(device))
+        cfg = KG.forward_config(T, M, Dv, E, elt, KG.num_sms(device), h)
         configs[name] = {k: kw.get(k) or getattr(cfg, k) for k in cfg._fields}
         times[name] = time_fn(
             rot(lambda r, b, s, kw=kw: KG.gather_pool_forward(r, b, s, values, E, **kw)),

@@ -1,9 +1,9 @@
 """The one prepared script for a short GPU session: kernel correctness on CUDA against the
-reference, the device's copy bandwidth, kernel timings against the bytes floor, a one-layer decode
-step and a training step of UltraMem vs Megatron-Core MoE at matched size, and a short pretraining
-run.
+reference, host-sync and CUDA-graph checks, the device's copy bandwidth, kernel timings against
+the bytes floor, a one-layer decode step and a training step of UltraMem vs Megatron-Core MoE at
+matched size, and a short pretraining run.
 
-    # on the device machine, from the repo root (budgeted to ~6 minutes on an H200):
+    # on the device machine, from the repo root (the whole script: < 8 minutes on an H100/H200)
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT
     # the layer and pretrain sections need megatron-core (>= 0.19 for megatron.training), which
     # the H200 image lacks: carry its wheel (needs only torch, numpy, packaging, all there):
@@ -16,33 +16,41 @@ run.
     # here, without a GPU: the same script logic on tiny shapes under the Triton interpreter
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu_check_dry
 
-Writes gpu_check.json (every number) and gpu_check.md (tables) into --out after every section (a
-run cut short still leaves what it measured), prints the markdown last, and exits 1 if any
-correctness check failed. Sections, in order, each skipped with a reason when the time budget
-(--budget-s) is spent or its dependency is missing:
+Time: --budget-s (default 420 s) is cut into fixed shares, one per section (`SECTIONS`; the
+dry run prints the plan). A section ends at its mark (the cumulative share), so an early end
+hands its rest to the next; the layer decode and the pretrain run get at least their own share
+whenever they start (even after an overrun, which is bounded by one check), so the headline
+numbers are always measured. gpu_check.json (every number), gpu_check.md (tables) and
+gpu_check.log (this output) are written into --out after every section, so a run cut short keeps
+what it measured. Exit code 1 if any correctness or sync check failed.
+
+Sections, in order:
 1. correctness: every kernel path on CUDA against a float64 reference (fp32/bf16/fp16/fp64, the
-   tests' odd shapes, decode-size split forwards, phase 2 at m up to 1024 through both kernels,
-   the exact fallback, brute force where exact). Rule (STYLE.md): kernel_err <= 2 *
-   same-dtype-torch_err + atol; outputs pre-filled with NaN (ULTRAMEM_POISON_OUTPUTS) so unwritten
-   elements fail; a device sync after every check so asynchronous CUDA errors land on it.
-2. copy bandwidth: a device-to-device copy of a 2 GiB buffer (33x the 60 MB L2), bytes read +
-   written over the do_bench median: the ceiling every "% of copy bw" below refers to.
-3. kernels: triton.testing.do_bench medians (it flushes the L2 before each repetition; inputs also
-   rotate over sets larger than 2x the L2), bytes floor, GB/s, % of copy bandwidth, x reference;
-   decode-size gathers with the launch table against the pre-split configuration and a sweep.
-4. layer: one decode step ([1, B, D], B = 1..4096, bf16, eval) and one training step
-   (forward + backward, 4096 tokens) of the MLP slot: UltraMem (Triton path) vs Megatron-Core MoE
-   (SequentialMLP, allgather dispatcher: the image has no grouped GEMM) vs the dense MLP of the
-   same activated size, built by megatron_ultramem.experiments.configs at matched parameters;
-   parameter bytes each decode step touched (counted from the routing / the selected rows) and
-   that over the copy bandwidth as its floor.
+   tests' odd shapes, decode-size split forwards, the sorted forward of large E, the segmented
+   backward into fp32 and bf16 main_grad with a hot row, phase 2 at m up to 1024 through both
+   kernels, the exact fallback, brute force where exact). Rule (STYLE.md): kernel_err <= 2 *
+   same-dtype-torch_err + atol. Only here are outputs pre-filled with NaN
+   (ULTRAMEM_POISON_OUTPUTS, so unwritten elements fail); it is off for every timed section and
+   for the pretrain subprocess, so no timing includes the fill. A device sync after every check
+   lands asynchronous CUDA errors on it.
+2. sync: the layer's training step (forward + backward, aux loss on) under
+   torch.cuda.set_sync_debug_mode("error") (any host sync raises), and one decode step captured
+   in a CUDA graph, replayed on new inputs and compared with eager (dry run: the op recorder of
+   tests/kernels/sync_check.py instead; the graph needs CUDA).
+3. speed: copy bandwidth (a 2 GiB device-to-device copy: the ceiling of every "% of copy bw"),
+   then triton.testing.do_bench medians (inputs rotating over sets larger than 2x the L2) of the
+   gathers at training sizes (forward; backward into an fp32 and a bf16 main_grad), decode-size
+   forwards (the launch table against fixed configurations) and phase 2.
+4. layer: one decode step ([1, B, D], B = 256, 4096, 1, 16, 1024, 4, 64: the headline B >= 256
+   first; bf16, eval) and one training step (forward + backward, 4096 tokens) of the MLP slot:
+   UltraMem (Triton path) vs Megatron-Core MoE (SequentialMLP, allgather dispatcher) vs the dense
+   MLP of the same activated size, at matched parameters; the bytes each decode step touched.
 5. pretrain: `torchrun --standalone --nproc_per_node 1 -m megatron_ultramem.pretrain --mock-data
-   --train-iters 20 ...` (PRETRAIN_ARGS: a small GPT with memories) as a subprocess if that module
-   exists; it needs megatron.training, i.e. megatron-core >= 0.19 (dry run: Megatron's argument
-   parser on the same arguments, no training).
-The GPU targets of issue #12 (gather >= 85% of copy bandwidth forward, >= 60% backward; MoE /
-UltraMem decode latency >= 6x at B >= 256) are reported as met / not met; they do not set the
-exit code.
+   --train-iters 20 ...` (PRETRAIN_ARGS) as a subprocess, killed at the end of its share (dry
+   run: Megatron's argument parser on the same arguments, no training).
+The GPU targets of issue #16 (gather >= 85% of copy bandwidth forward, >= 60% backward, the bf16
+main_grad backward included; MoE / UltraMem decode latency >= 6x at B >= 256) are reported as
+met / not met; they do not set the exit code.
 """
 
 import argparse
@@ -63,7 +71,8 @@ import traceback
 DRY = "--dry-run" in sys.argv
 if DRY:  # before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("ULTRAMEM_POISON_OUTPUTS", "1")
+POISON = "ULTRAMEM_POISON_OUTPUTS"  # on in the correctness section only (see `poisoned`)
+os.environ.pop(POISON, None)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -85,9 +94,17 @@ ATOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.bfloat16: 5e-2, torch.f
 TARGETS = {"gather_fwd_pct_copy": 85.0, "gather_bwd_pct_copy": 60.0,
            "decode_moe_over_ultramem": 6.0}  # fmt: skip
 RESULT = {"env": {}, "checks": [], "copy_bw": None, "speed": [], "layer": {}, "pretrain": {},
-          "skipped": [], "targets": []}  # fmt: skip
+          "skipped": [], "targets": [], "budget": []}  # fmt: skip
 T0 = time.perf_counter()
-BUDGET = [float("inf")]  # seconds, set from --budget-s
+BUDGET = [420.0]  # seconds, set from --budget-s
+SECTIONS = [  # (name, share of the budget, guaranteed its share whenever it starts)
+    ("correctness", 0.20, False),
+    ("sync", 0.05, False),
+    ("speed", 0.20, False),
+    ("layer", 0.22, True),
+    ("pretrain", 0.25, True),
+]  # the remaining 8%: startup, imports, reports
+DEADLINE = [float("inf")]  # the running section's end (perf_counter seconds)
 
 
 def elapsed() -> float:
@@ -95,7 +112,59 @@ def elapsed() -> float:
 
 
 def time_left() -> float:
-    return BUDGET[0] - elapsed()
+    """Seconds left to the running section (its mark, see `run_section`)."""
+    return DEADLINE[0] - time.perf_counter()
+
+
+def section_plan(budget: float):
+    """[(name, share_s, mark_s, guaranteed)]: mark = cumulative share, seconds from start."""
+    plan, mark = [], 0.0
+    for name, share, guaranteed in SECTIONS:
+        mark += share * budget
+        plan.append((name, share * budget, mark, guaranteed))
+    return plan
+
+
+def run_section(name, fn, *args):
+    """Run one section up to its deadline: its mark, or (guaranteed sections) at least its own
+    share from now. Records the budget line, writes the reports afterwards."""
+    _, share, mark, guaranteed = next(p for p in section_plan(BUDGET[0]) if p[0] == name)
+    start = time.perf_counter()
+    end = T0 + mark
+    if guaranteed:
+        end = max(end, start + share)
+    DEADLINE[0] = end
+    entry = dict(section=name, share_s=round(share, 1), given_s=round(end - start, 1),
+                 start_s=round(start - T0, 1), status="ran")  # fmt: skip
+    RESULT["budget"].append(entry)
+    if end - start < 5:
+        entry["status"] = "not run: no time left"
+        skip(name, "time budget")
+    else:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a section's failure does not stop the others
+            traceback.print_exc()
+            entry["status"] = f"error: {type(e).__name__}: {e}"[:300]
+            skip(name, entry["status"])
+    entry["used_s"] = round(time.perf_counter() - start, 1)
+    print(f"[section] {name}: used {entry['used_s']} s of {entry['given_s']} s", flush=True)
+
+
+@contextlib.contextmanager
+def poisoned():
+    """NaN-prefilled kernel outputs (a forgotten element fails the comparisons): correctness
+    checks only, never around a timing or the pretrain run."""
+    os.environ[POISON] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(POISON, None)
+
+
+def assert_not_poisoned(what: str):
+    if os.environ.get(POISON, "0") not in ("", "0"):
+        raise RuntimeError(f"{what}: {POISON} is on during a timed section")
 
 
 def skip(section: str, why: str):
@@ -155,8 +224,9 @@ def check_gather(case, dtype, backward=True):
     ref64 = R.weighted_gather_pool(rows, blocks, scores.double(), values.double(), E)
     ek, et = err(out, ref64), err(R.weighted_gather_pool(rows, blocks, scores, values, E), ref64)
     ok = torch.isfinite(out).all().item() and ek <= 2 * et + ATOL[dtype]
-    cfg = KG.forward_config(T, M, Dv, E, values.element_size(), KG.num_sms(values.device))
-    record(f"{tag} fwd", ok, err=ek, torch_err=et, split=cfg.split, block_d=cfg.block_d)
+    cfg = KG.forward_config(T, M, Dv, E, values.element_size(), KG.num_sms(values.device), h)
+    record(f"{tag} fwd", ok, err=ek, torch_err=et, path=cfg.path, split=cfg.split,
+           block_d=cfg.block_d)  # fmt: skip
     if not backward:
         return
     grad = TG.randn(T, E, Dv, seed=7)
@@ -165,19 +235,58 @@ def check_gather(case, dtype, backward=True):
     )
     gs_t, gv_t = TG.grads_of(R.weighted_gather_pool, rows, blocks, scores, values, E, grad)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    for mode in ("atomic", "sorted", "main_grad"):
-        main = torch.zeros(N, Dv, device=DEVICE, dtype=acc) if mode == "main_grad" else None
+    modes = ["default", "deterministic", "fp32 main_grad"]
+    modes += ["bf16 main_grad"] if dtype == torch.bfloat16 else []
+    for mode in modes:
+        main = None
+        if "main_grad" in mode:
+            main = torch.zeros(N, Dv, device=DEVICE, dtype=acc if "fp32" in mode else dtype)
         gs, gv = KG.gather_pool_backward(
-            grad.to(dtype), rows, blocks, scores, values, deterministic=mode == "sorted",
+            grad.to(dtype), rows, blocks, scores, values, deterministic=mode == "deterministic",
             values_grad_out=main,
         )  # fmt: skip
-        gv = gv if mode == "main_grad" else gv.to(dtype)  # main_grad stays fp32: compare unrounded
+        gv = gv if mode == "fp32 main_grad" else gv.to(dtype)  # fp32 main_grad: compare unrounded
         es, ev = err(gs, gs64), err(gv, gv64)
         ok = torch.isfinite(gs).all().item() and es <= 2 * err(gs_t, gs64) + ATOL[dtype]
         ok = ok and ev <= 2 * err(gv_t, gv64) + ATOL[dtype]
         record(
             f"{tag} bwd {mode}", ok, err_scores=es, err_values=ev, torch_err_values=err(gv_t, gv64)
         )
+
+
+@guarded
+def check_hot_row(case, dtype):
+    """The segmented backward with one row chosen by most selections (>= 10,000) and untouched
+    rows, into a bf16 main_grad (and fp32): equal to float64 to one rounding, untouched rows
+    unchanged, bitwise repeatable."""
+    T, M, N, Dv, h, E = case
+    rows, blocks, scores, values = TG.make_inputs(case, dtype, seed=21)
+    rows = torch.where(torch.rand(T, M, device=DEVICE) < 0.8, 3, rows % (N // 2))  # hot row 3
+    grad = TG.randn(T, E, Dv, seed=22).to(dtype).double()  # the kernel's (rounded) input
+    _, gv64 = TG.grads_of(R.weighted_gather_pool, rows, blocks, scores.double(),
+                          values.double(), E, grad)  # fmt: skip
+    # Dry run: the interpreter re-runs the kernel body in Python per program, loop step and (in
+    # the segmented scan) per tile element, so the launch table's 40 programs of 16 entries x 16
+    # columns took ~80 s per call on CPU; 10 programs of 64 entries x Dv columns run the same
+    # code in seconds. The device run keeps the launch table.
+    over = dict(seg=64, unroll=64, block_d=KG._next_pow2(Dv)) if DRY else {}
+    for dest in (torch.float32, torch.bfloat16):
+        start = TG.randn(N, Dv, seed=23).to(dest)
+        runs = []
+        for _ in range(2):
+            main = start.clone()
+            KG.gather_pool_backward(grad.to(dtype), rows, blocks, scores, values,
+                                    need_scores=False, values_grad_out=main, **over)  # fmt: skip
+            runs.append(main)
+        want = start.double() + gv64
+        # one rounding of the destination (2^-8 relative in bf16) on top of fp32 sums
+        tol = (2.0**-8 if dest == torch.bfloat16 else 1e-5) * want.abs().max().item() + 1e-3
+        e = err(runs[0], want)
+        same = torch.equal(runs[0], runs[1])
+        untouched = torch.equal(runs[0][N // 2 :][3:], start[N // 2 :][3:]) if N > 8 else True
+        record(f"hot row {TG._ids(case)} {dname(dtype)} -> {dname(dest)} main_grad",
+               e <= tol and same and untouched, err=e, tol=tol, hot=int((rows == 3).sum()),
+               bitwise_repeatable=same)  # fmt: skip
 
 
 @guarded
@@ -199,11 +308,14 @@ def check_determinism(case, dtype):
     T, M, N, Dv, h, E = case
     rows, blocks, scores, values = TG.make_inputs(case, dtype, seed=3)
     g = TG.randn(T, E, Dv, seed=8).to(dtype)
+    # Dry run: one program over all entries, BLOCK_D = the core width (see check_hot_row)
+    over = dict(seg=32, unroll=32, block_d=KG._next_pow2(Dv // h)) if DRY else {}
     runs = [
-        KG.gather_pool_backward(g, rows, blocks, scores, values, deterministic=True)[1]
+        KG.gather_pool_backward(g, rows, blocks, scores, values, deterministic=True, **over)[1]
         for _ in range(3)
     ]
-    atomic = [KG.gather_pool_backward(g, rows, blocks, scores, values)[1] for _ in range(3)]
+    atomic = [KG.gather_pool_backward(g, rows, blocks, scores, values, **over)[1]
+              for _ in range(3)]  # fmt: skip
     same = all(torch.equal(runs[0], r) for r in runs[1:])
     drift = max((atomic[0] - a).abs().max().item() for a in atomic[1:])
     diff = (runs[0] - atomic[0]).abs().max().item()
@@ -308,7 +420,8 @@ def check_topm_paths(case, dtype):
 @guarded
 def check_topm_ties():
     """Integer scores (exact, heavy ties): all three paths give the stable brute-force order."""
-    T, H, m, r = 8, 2, 33, 2
+    # dry run: 2 programs (the interpreter ran the 16 programs of 33 x 33 candidates in ~80 s)
+    T, H, m, r = (2, 1, 33, 2) if DRY else (8, 2, 33, 2)
     g = torch.Generator().manual_seed(25)
     sr = torch.randint(-2, 3, (T, H, m, r), generator=g).float().to(DEVICE)
     sc = torch.randint(-2, 3, (T, H, m, r), generator=g).float().to(DEVICE)
@@ -343,8 +456,15 @@ def correctness_plan():
         (16, 2, 1616, 3, 2, 1023), (16, 2, 1616, 2, 2, 1024), (4, 2, 1024, 2, 2, 1024),
     ]  # fmt: skip  (the last: m = n', so TDQKR is the brute-force top-m of the whole grid)
     paths = [(1, 2, 17, 2, 2, 5)] if DRY else [(8, 2, 1616, 2, 2, m) for m in (5, 128, 257, 768)]
-    dup = (20, 9, 3, 40, 2, 3) if DRY else (1000, 160, 64, 1024, 2, 4)  # long runs of equal rows
+    dup = (6, 5, 3, 4, 2, 3) if DRY else (1000, 160, 64, 1024, 2, 4)  # long runs of equal rows
 
+    # 128k selections, ~102k of them row 3, on a GPU; the dry run only exercises the code (the
+    # interpreter's segmented scan costs a Python call per entry and column: 640 entries, Dv = 2;
+    # tests/kernels/test_gather.py has the 10,000-entry hot row under the interpreter)
+    hot = (16, 40, 40, 2, 1, 4) if DRY else (1000, 160, 50000, 1024, 2, 4)
+    plan += [(check_hot_row, (hot, b16), {})]
+    sorted_fwd = [(3, 13, 5, 24, 1, 9)] if DRY else [(257, 160, 5000, 1024, 2, 16), (3, 13, 5, 24, 1, 9)]
+    plan += [(check_gather, (c, b16), {}) for c in sorted_fwd]  # bf16, E >= 9: the sorted path
     for dtype in (f32, b16):
         plan += [(check_gather, (c, dtype), {}) for c in gather_cases + large]
         plan += [(check_gather_split, (c, dtype, sp), {}) for c in split_cases for sp in splits]
@@ -368,16 +488,103 @@ def correctness_plan():
     return plan
 
 
-def correctness(share=0.5):
-    """Run the plan until `share` of the budget is spent; the rest is listed as not run."""
+def correctness():
+    """Run the plan (outputs poisoned) until the section's deadline; the rest is listed as not
+    run. A check is started only with >= 5 s left (the slowest ones compile a kernel)."""
     plan = correctness_plan()
-    for i, (fn, args, kwargs) in enumerate(plan):
-        if elapsed() > share * BUDGET[0]:
-            names = [f"{f.__name__}{a}" for f, a, _ in plan[i:]]
-            skip(f"correctness ({len(names)} of {len(plan)} checks)", "time budget: "
-                 + "; ".join(names)[:2000])  # fmt: skip
-            break
-        fn(*args, **kwargs)
+    with poisoned():
+        for i, (fn, args, kwargs) in enumerate(plan):
+            if time_left() < 5:
+                names = [f"{f.__name__}{a}" for f, a, _ in plan[i:]]
+                skip(f"correctness ({len(names)} of {len(plan)} checks)", "time budget: "
+                     + "; ".join(names)[:2000])  # fmt: skip
+                break
+            fn(*args, **kwargs)
+    RESULT["env"]["correctness_s"] = round(elapsed(), 1)
+
+
+# ----------------------------------------------------------------------------- 2. sync
+def sync_checks():
+    """The layer's training step without a host sync; a decode step in a CUDA graph."""
+    if not _has("megatron.core"):
+        skip("sync", "megatron.core is not importable (carry its wheel: see header)")
+        return
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_ultramem import train
+    from megatron_ultramem.layer import UltraMemLayer
+
+    train.init_distributed()
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    from helpers import small_config
+
+    dtype = torch.float32 if DRY else torch.bfloat16
+    size = {} if DRY else dict(hidden_size=256, ultramem_num_keys=32, ultramem_key_dim=64,
+                               ultramem_topm=16, ultramem_value_dim=128)  # fmt: skip
+    cfg = small_config(dtype, ultramem_impl="triton", ultramem_init="reference",
+                       ultramem_aux_loss_alpha=0.01, ultramem_aux_loss_tau=0.0,
+                       use_cpu_initialization=DRY, **size)  # fmt: skip
+    layer = UltraMemLayer(cfg, layer_index=1).to(DEVICE)
+    D = cfg.hidden_size
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=DEVICE))
+    layer.values.main_grad = torch.zeros_like(layer.values, dtype=torch.bfloat16)
+    layer.values.grad_added_to_main_grad = False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 4, D, generator=gen).to(DEVICE, dtype).requires_grad_(True)
+
+    def step():
+        out, _ = layer(x)
+        out.float().square().sum().backward()
+
+    layer.train()
+    if DRY:  # no CUDA: the op recorder of the tests, kernels off the record
+        sys.path.insert(0, os.path.join(HERE, "..", "tests", "kernels"))
+        from sync_check import SyncRecorder, kernels_off_the_record
+
+        with SyncRecorder() as rec, kernels_off_the_record(rec):
+            step()
+        record("sync: training step, no host sync (op recorder)", not rec.syncs,
+               syncs=str(rec.syncs[:5]), ops=len(rec.ops))  # fmt: skip
+        skip("sync: CUDA-graph decode step", "needs CUDA")
+        return
+    step()  # compile the kernels first
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        step()
+        ok, why = True, ""
+    except RuntimeError as e:
+        ok, why = False, str(e)[:300]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    record("sync: training step under set_sync_debug_mode('error')", ok, error=why)
+    # Decode in a CUDA graph: warm up on a side stream (compiles), capture, replay on new inputs.
+    layer.eval()
+    static_x = torch.randn(1, 8, D, generator=gen).to(DEVICE, dtype)
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                layer(static_x)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                static_out, _ = layer(static_x)
+        except Exception as e:  # noqa: BLE001
+            record("sync: CUDA-graph capture of a decode step", False, error=str(e)[:300])
+            return
+        worst = 0.0
+        for seed in range(3):
+            new = torch.randn(1, 8, D, generator=torch.Generator().manual_seed(10 + seed))
+            static_x.copy_(new.to(DEVICE, dtype))
+            graph.replay()
+            eager, _ = layer(static_x)
+            worst = max(worst, (static_out.float() - eager.float()).abs().max().item())
+        sync()
+    # Same kernels, same order, no atomics in the forward: bitwise equal expected.
+    record("sync: CUDA-graph decode step replayed == eager", worst == 0.0, max_abs_diff=worst)
 
 
 # ----------------------------------------------------------------------------- 2. bandwidth
@@ -391,37 +598,34 @@ def copy_bandwidth(nbytes):
 
 # ----------------------------------------------------------------------------- 3. kernels
 def speed(copy_bw):
+    """Kernel timings, most important first (each shape starts only with its usual cost left)."""
+    assert_not_poisoned("speed")
     reps = 1 if DRY else 0
     if DRY:
-        gather_shapes = [(4, 8, 64, 32, 4, 2, torch.float32)]
+        gather_shapes = [(4, 8, 64, 32, 4, 2, torch.float32), (3, 8, 64, 32, 16, 2, torch.bfloat16)]
         decode_shapes = [(1, 40, 64, 32, 4, 2, torch.float32)]
         sweep = {}
         topm_shapes = [(2, 2, 24, 2, 2, 8, torch.float32), (1, 1, 140, 2, 2, 129, torch.float32)]
     else:
         gather_shapes = [  # (T, M, N, Dv, E, h): T = 4096 x 2 tokens, M = H*m = 2*80, Dv = D/2
             (8192, 160, 1 << 20, 1024, 4, 2, torch.bfloat16),
+            (8192, 160, 1 << 20, 1024, 16, 2, torch.bfloat16),  # E = 16: the sorted forward
             (8192, 160, 1 << 20, 1024, 1, 1, torch.bfloat16),
-            (8192, 160, 1 << 20, 1024, 16, 2, torch.bfloat16),
             (8192, 1536, 1 << 20, 1024, 4, 2, torch.bfloat16),  # UltraMemV2: m = 768
         ]
         decode_shapes = [
-            (T, M, 1 << 20, 1024, 4, 2, torch.bfloat16)
-            for M in (160, 1536)
-            for T in (1, 4, 16, 64, 256, 1024)
+            (T, M, 1 << 20, 1024, 4, 2, torch.bfloat16) for M in (160, 1536) for T in (1, 16, 256)
         ]
-        sweep = {  # fixed alternatives to the launch table, at three decode sizes
+        sweep = {  # fixed alternatives to the launch table
             (T, 1536): {
-                "bd64 split1": dict(block_d=64, split=1, unroll=8),
-                "bd64 split8": dict(block_d=64, split=8, unroll=8),
-                "bd64 split32": dict(block_d=64, split=32, unroll=8),
-                "bd128 split16 u4": dict(block_d=128, split=16, unroll=4),
-                "bd256 split8 u4": dict(block_d=256, split=8, unroll=4),
+                "split8": dict(split=8),
+                "split96": dict(split=96),
+                "bd128 tokens2": dict(block_d=128),
             }
-            for T in (1, 16, 64)
+            for T in (1, 16)
         }
-        topm_shapes = [(8192, 2, 1616, 2, 2, m, torch.bfloat16) for m in (32, 80, 128)]
-        topm_shapes += [(T, 2, 1616, 2, 2, m, torch.bfloat16) for m in (256, 768, 1024)
-                        for T in (1, 64, 1024, 8192)]  # fmt: skip
+        topm_shapes = [(T, 2, 1616, 2, 2, m, torch.bfloat16) for m in (80, 768) for T in (64, 8192)]
+    cost = {"gather": 3 if DRY else 20, "decode": 3 if DRY else 4, "topm": 3 if DRY else 6}
     rows = []
 
     def add(shape, kernel, nb, fl, times, extra):
@@ -442,7 +646,7 @@ def speed(copy_bw):
                 row.setdefault("notes", {})[k[len(row["impl"]) :].strip() if mine else k] = v
 
     for T, M, N, Dv, E, h, dtype in gather_shapes:
-        if time_left() < 30:
+        if time_left() < cost["gather"]:
             skip(f"gather speed T={T} M={M} E={E}", "time budget")
             continue
         shape = f"T={T} M={M} N={N} Dv={Dv} E={E} h={h} {dname(dtype)}"
@@ -451,18 +655,16 @@ def speed(copy_bw):
         if DEVICE == "cuda":
             torch.cuda.empty_cache()  # the next shape's reference needs the room
     for T, M, N, Dv, E, h, dtype in decode_shapes:
-        if time_left() < 30:
+        if time_left() < cost["decode"]:
             skip(f"gather decode speed T={T} M={M}", "time budget")
             continue
         shape = f"T={T} M={M} N={N} Dv={Dv} E={E} h={h} {dname(dtype)}"
-        variants = {"auto": {}, "unsplit": dict(block_d=None, split=1, unroll=4)}
-        widest = KG._block_d(Dv, max(16, min(256, 4096 // KG._next_pow2(E))))
-        variants["unsplit"]["block_d"] = widest
+        variants = {"auto": {}, "unsplit": dict(split=1)}
         variants.update(sweep.get((T, M), {}))
         for row in B.bench_gather_decode(T, M, N, Dv, E, h, dtype, DEVICE, reps, variants):
             add(shape, *row)
     for T, H, n, r, h, m, dtype in topm_shapes:
-        if time_left() < 30:
+        if time_left() < cost["topm"]:
             skip(f"topm speed T={T} m={m}", "time budget")
             continue
         shape = f"T={T} H={H} n'={n} r={r} h={h} m={m} {dname(dtype)}"
@@ -509,7 +711,7 @@ def layer_sizes():
         num_experts=32, topk=2, expert_ffn_hidden_size=2048,
         key_dim=192, num_heads=2, topm=80, ffn_multiple_of=64,
     )  # fmt: skip
-    return size, (1, 4, 16, 64, 256, 1024, 4096), 4096
+    return size, (256, 4096, 1, 16, 1024, 4, 64), 4096  # the headline (B >= 256) first
 
 
 def replace_size(size, **kw):
@@ -553,9 +755,10 @@ def layer_bench(copy_bw):
     D = size.hidden_size
     reps = 2 if DRY else 0
     rows = []
+    assert_not_poisoned("layer")
     with torch.no_grad():
         for Bsz in batches:
-            if time_left() < 40:
+            if time_left() < (3 if DRY else 10):
                 skip(f"layer decode B={Bsz}", "time budget")
                 continue
             gen = torch.Generator().manual_seed(Bsz)
@@ -576,7 +779,7 @@ def layer_bench(copy_bw):
             shown = ", ".join(f"{k} {row[k]['ms']:.3f} ms" for k in mods)
             print(f"  decode B={Bsz}: {shown}, MoE/UltraMem {row['moe_over_ultramem']:.2f}x")
     out["decode"] = rows
-    if time_left() < 40:
+    if time_left() < (3 if DRY else 15):
         skip("layer training step", "time budget")
         return
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=DEVICE))
@@ -617,7 +820,7 @@ def layer_tables():
         + " | MoE / UltraMem |",
         "|---|" + "---|---|---|" * len(kinds) + "---|",
     ]
-    for row in lay["decode"]:
+    for row in sorted(lay["decode"], key=lambda r: r["batch"]):
         cells = []
         for k in kinds:
             c = row[k]
@@ -662,10 +865,8 @@ def pretrain(args):
         out["status"] = "not run: megatron_ultramem.pretrain does not exist in this checkout"
         print(f"[SKIP] pretrain: {out['status']}")
         return
-    if not DRY and time_left() < 60:
-        out["status"] = "not run: time budget"
-        return
     env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1", WORLD_SIZE="1", RANK="0")
+    env.pop(POISON, None)  # the run is timed (its iteration times): no NaN pre-fill
     if DRY:  # CPU: parse the GPU run's arguments with Megatron's parser, do not train
         cmd = [sys.executable, "-c", _PARSE_ONLY, args.pretrain_args]
         timeout = 180
@@ -675,7 +876,7 @@ def pretrain(args):
         cmd += shlex.split(args.pretrain_args)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()  # the run needs the memory this process's caches hold
-        timeout = max(30, min(240, time_left() - 15))
+        timeout = max(10, time_left() - 5)  # killed at the end of the section's share
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
@@ -695,7 +896,7 @@ def pretrain(args):
 
 # ----------------------------------------------------------------------------- report
 def targets():
-    """Issue #12's GPU targets against what this run measured."""
+    """Issue #16's GPU targets against what this run measured."""
     res = []
     speed_rows = RESULT["speed"]
 
@@ -704,12 +905,13 @@ def targets():
                 and r["pct_copy"] is not None and "T=8192" in r["shape"]]  # fmt: skip
         return min(pcts) if pcts else None
 
-    fwd = best("gather fwd", {"triton"})
-    bwd = best("gather bwd", {"triton main_grad"})
     pct = "% of copy bw"
+    fwd = best("gather fwd", {"triton"})
     res.append(("gather fwd, T=8192 shapes, worst", fwd, TARGETS["gather_fwd_pct_copy"], pct))
     bwd_goal = TARGETS["gather_bwd_pct_copy"]
-    res.append(("gather bwd into main_grad, T=8192 shapes, worst", bwd, bwd_goal, pct))
+    for dest in ("fp32", "bf16"):
+        bwd = best(f"gather bwd {dest} main_grad", {"triton"})
+        res.append((f"gather bwd into {dest} main_grad, T=8192 shapes, worst", bwd, bwd_goal, pct))
     dec = [r["moe_over_ultramem"] for r in RESULT["layer"].get("decode", []) if r["batch"] >= 256]
     res.append(("decode MoE / UltraMem latency, B >= 256, worst B", min(dec) if dec else None,
                 TARGETS["decode_moe_over_ultramem"], "x"))  # fmt: skip
@@ -721,6 +923,19 @@ def fmt_target(t):
     measured = "-" if t["measured"] is None else f"{t['measured']:.3g} {t['unit']}"
     met = "not measured" if t["met"] is None else ("yes" if t["met"] else "no")
     return f"| {t['name']} | {measured} | >= {t['target']} {t['unit']} | {met} |"
+
+
+def budget_table(budget: float) -> str:
+    """The section plan (shares of --budget-s) with what each section was given and used."""
+    done = {e["section"]: e for e in RESULT["budget"]}
+    lines = [f"Budget {budget:.0f} s (the rest of the 100%: startup and reports).", "",
+             "| section | share | mark (s from start) | guaranteed | given s | used s | status |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, share, mark, guaranteed in section_plan(budget):
+        e = done.get(name, {})
+        lines.append(f"| {name} | {share:.0f} s | {mark:.0f} | {'yes' if guaranteed else 'no'} | "
+                     f"{e.get('given_s', '-')} | {e.get('used_s', '-')} | {e.get('status', 'not reached')} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def write_report(args, final=False):
@@ -743,11 +958,15 @@ def write_report(args, final=False):
         *(f"- {c['name']}: {json.dumps({k: v for k, v in c.items() if k not in ('name', 'ok')})}"
           for c in failed),  # fmt: skip
         "",
-        "## Targets (issue #12)",
+        "## Targets (issue #16)",
         "",
         "| target | measured | goal | met |",
         "|---|---|---|---|",
         *(fmt_target(t) for t in RESULT["targets"]),
+        "",
+        "## Section budget",
+        "",
+        budget_table(args.budget_s),
         "",
         "## Kernels (triton.testing.do_bench median)" if not DRY
         else "## Kernels (interpreter: timings meaningless)",
@@ -774,22 +993,44 @@ def write_report(args, final=False):
     return md, failed
 
 
+class _Tee:
+    """stdout into --out/gpu_check.log as well (flushed per write: a killed run keeps its log)."""
+
+    def __init__(self, stream, path):
+        self.stream, self.file = stream, open(path, "a", buffering=1)
+
+    def write(self, text):
+        self.stream.write(text)
+        self.file.write(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.file.flush()
+
+
 def main():
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
+    ap.add_argument("--out", required=True, help="folder for gpu_check.{json,md,log}")
     ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes")
-    ap.add_argument("--budget-s", type=float, default=380.0,
-                    help="wall-clock seconds; later sections are skipped once spent")  # fmt: skip
+    ap.add_argument("--budget-s", type=float, default=BUDGET[0],
+                    help="wall-clock seconds, cut into the sections' shares (SECTIONS)")  # fmt: skip
     ap.add_argument("--skip", default="", help="comma list of sections to skip: "
-                    "correctness,speed,layer,pretrain")  # fmt: skip
+                    + ",".join(name for name, _, _ in SECTIONS))  # fmt: skip
     ap.add_argument("--pretrain-args", default=PRETRAIN_ARGS, help="arguments of the pretrain run")
     args = ap.parse_args()
     BUDGET[0] = args.budget_s
     if not DRY and not torch.cuda.is_available():
         sys.exit("no CUDA device (use --dry-run to exercise the script under the interpreter)")
     skips = set(filter(None, args.skip.split(",")))
+    unknown = skips - {name for name, _, _ in SECTIONS}
+    if unknown:
+        print(f"--skip: unknown sections {sorted(unknown)}; allowed: "
+              + ",".join(name for name, _, _ in SECTIONS), file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    os.makedirs(args.out, exist_ok=True)
+    sys.stdout = _Tee(sys.stdout, os.path.join(args.out, "gpu_check.log"))
     import triton
 
     env = {
@@ -814,42 +1055,30 @@ def main():
     RESULT["env"] = env
     RESULT["copy_bw_runs"] = []
     print(json.dumps(env, indent=1), flush=True)
+    print(budget_table(args.budget_s), flush=True)
+    copy_bw = [None]
 
-    if "correctness" in skips:
-        skip("correctness", "--skip")
-    else:
-        correctness()
-    RESULT["env"]["correctness_s"] = round(elapsed(), 1)
-    write_report(args)
+    def speed_section():
+        bw, runs = copy_bandwidth(1 << 20 if DRY else 2 << 30)
+        RESULT["copy_bw"], RESULT["copy_bw_runs"] = bw, runs
+        copy_bw[0] = bw
+        print(f"copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+        RESULT["speed"] = speed(bw)
 
-    copy_bw = None
-    if "speed" not in skips:
-        copy_bw, runs = copy_bandwidth(1 << 20 if DRY else 2 << 30)
-        RESULT["copy_bw"], RESULT["copy_bw_runs"] = copy_bw, runs
-        print(f"copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
-        try:
-            RESULT["speed"] = speed(copy_bw)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            skip("kernel speed", f"{type(e).__name__}: {e}"[:300])
+    sections = {
+        "correctness": correctness,
+        "sync": sync_checks,
+        "speed": speed_section,
+        "layer": lambda: layer_bench(copy_bw[0]),
+        "pretrain": lambda: pretrain(args),
+    }
+    for name, _, _ in SECTIONS:
+        if name in skips:
+            skip(name, "--skip")
+            RESULT["budget"].append(dict(section=name, status="not run: --skip"))
+        else:
+            run_section(name, sections[name])
         write_report(args)
-    else:
-        skip("kernel speed", "--skip")
-
-    if "layer" not in skips:
-        try:
-            layer_bench(copy_bw)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            skip("layer decode/train", f"{type(e).__name__}: {e}"[:300])
-        write_report(args)
-    else:
-        skip("layer decode/train", "--skip")
-
-    if "pretrain" not in skips:
-        pretrain(args)
-    else:
-        RESULT["pretrain"]["status"] = "not run: --skip"
     md, failed = write_report(args, final=True)
     print(md)
     sys.exit(1 if failed else 0)

@@ -478,8 +478,11 @@ class UltraMemLayer(MegatronModule):
 
     # ------------------------------------------------------------------ aux loss
     def tucker_aux_loss(self) -> torch.Tensor:
-        """L_aux on the singular values of each head's summed core (differentiable)."""
-        sv = torch.linalg.svdvals(self.cores.sum(1).float())  # [H, r]
+        """L_aux on the singular values of each head's summed core (differentiable). Computed by
+        `reference.singular_values` (closed form for r = 2, fixed-sweep Jacobi above): svdvals'
+        value and gradient without its host synchronization, so a training step stays sync-free
+        and CUDA-graph capturable (tests/kernels/test_sync_free.py)."""
+        sv = reference.singular_values(self.cores.sum(1).float())  # [H, r]
         return reference.tucker_aux_loss(
             sv, self.config.ultramem_aux_loss_alpha, self.config.ultramem_aux_loss_tau
         )

@@ -14,51 +14,98 @@ Floors (each input read once, each output written once; elt = table bytes, s_elt
               tables: a read-modify-write, 2*U*Dv*elt). bf16 destinations add a stable sort of
               the T*M row ids (~ tens of bytes per selection, small next to T*M*Dv*elt).
 That is ~1 FLOP per byte against an fp32 CUDA-core ridge of ~14 FLOP per byte (H200 datasheet:
-67 TFLOP/s over 4.8 TB/s): memory-bound, except that the forward's one-hot FMA multiplies its
-arithmetic by E_PAD (below). benchmarks/bench_kernels.py uses the same formulas (`*_floor`).
+67 TFLOP/s over 4.8 TB/s): memory-bound. benchmarks/bench_kernels.py uses the same formulas.
 
-Design trade-off.
-- Forward: one program per (token, Dv-block, selection split). It walks its chunk of the token's M
-  selections, reads each selected row slice once (UNROLL independent row loads in flight per
-  iteration, so the loop is not latency-bound) and adds the score-weighted row into an fp32
-  [E_PAD, BLOCK_D] register tile with a one-hot FMA (E is a constexpr). The output is written
-  once. Bytes are at the floor (rows read once, output written once); the price is E_PAD FMAs per
-  loaded element. Estimate, not yet measured: with ~E_PAD + 4 instructions per 2-byte bf16 element
-  against an H200 ridge of ~8 per byte, E <= 4 stays memory-bound and E = 16 turns ALU-bound (a
-  variant that sorts each token's selections by block would remove the E factor at the cost of
-  that sort). benchmarks/gpu_check.py measures it.
-- Forward at decode sizes (`forward_config`): T programs per Dv block fill few SMs when T is small
-  (T = 1, Dv = 1024: 4 programs on 132 SMs, each a chain of M/UNROLL dependent rounds of DRAM
-  latency; UltraMemV2's M = 2 * 768 makes that chain long even at T = 64). The table first
-  narrows BLOCK_D (down to 128-byte row segments), then splits the M selections over SPLIT
-  programs that write fp32 partial tiles into a [SPLIT, T, E, Dv] workspace, summed in split
-  order by `_split_reduce_kernel` (deterministic; one more launch).
-  Extra bytes: 2*SPLIT*T*E*Dv*4 with SPLIT*T*cdiv(Dv, BLOCK_D) < 64*SMs by construction, i.e.
-  < 64*SMs*E_PAD*BLOCK_D*4 (8.7 MB at E = 4, bf16, 132 SMs): L2-resident, so HBM bytes stay at
-  the floor. Large T takes the single-pass path unchanged (SPLIT = 1, direct store in values.dtype).
-- Backward, grad_scores: one program per tile of BLOCK_K flattened selections; it loops over Dv,
-  gathering the value rows and the matching grad_pooled rows and reducing their product per core.
-- Backward, grad_values, into an fp32/fp64 destination: by default the same program atomically
-  adds score * grad_pooled rows into it (one pass, order-dependent rounding). `deterministic=True`,
-  and always for a bf16/fp16 destination: the (row, token, k) triples are sorted by row (stable,
-  so ties keep selection order); the program at the start of each run of equal rows owns that row,
-  sums its run in order in fp32 and writes the row once (destination + sum, rounded once). No
-  atomics, bitwise-reproducible, no [N, Dv] accumulation buffer, at the cost of a sort and a
-  [T*M, Dv/BLOCK_D] grid in which non-start programs exit after one load (and of one program
-  walking a hot row's whole run: unmeasured on a GPU).
-- Destination (Megatron): whenever `values` has a `main_grad` (DDP's grad buffer: fp32 with
-  grad_reduce_in_fp32, else bf16), grad_values goes straight into it, whatever
-  gradient_accumulation_fusion says; the autograd gradient is None, or Megatron's flagged,
-  uninitialized placeholder when the param has `grad_added_to_main_grad` (`_megatron_dummy_wgrad`:
-  DDP's hook then fires without adding it). Without main_grad the gradient is a zeroed [N, Dv]
-  tensor in the table dtype written in place (no fp32 table, no cast pass).
+What keeps a gather at copy bandwidth (Little's law): every SM must have about
+bandwidth x latency / SMs bytes of row loads in flight. H100 SXM: 3.35 TB/s x ~0.7 us / 132 =
+~18 KB per SM; H200: 4.8 TB/s x ~0.7 us / 132 = ~25 KB per SM ("the product" below; the loaded
+DRAM latency is ~0.6-0.8 us, so take 25-35 KB as the goal). Each kernel below is written so that
+(a) a table row is read as a [1, BLOCK_D] (or [UNROLL, BLOCK_D]) tile in the layout of the
+accumulator it feeds, so no layout conversion (a shared-memory round trip with barriers) sits
+between two row loads, (b) each thread reads 16 contiguous bytes of a row per load
+(`ld.global.v4`; BLOCK_D = 32 x 16 / elt columns per warp: 256 in bf16), for which the launcher
+passes ALIGN, the largest power of two <= 16 / elt dividing the core width Dv / h, and the kernel
+rounds Dv and DH down to multiples of ALIGN so the compiler can prove the alignment even when the
+JIT cannot (Dv not a multiple of 16), and (c) UNROLL rows are loaded before the first of them is
+used. tests/kernels/compile_sm90.py compiles every launch variant for sm_90 with the JIT's own
+specialization and checks (a)-(c) and the register counts quoted below in the PTX/SASS
+(benchmarks/results/kernels_sm90_compile.md); bytes per SM in flight there = resident CTAs
+(65536 registers / (32 x registers per thread), at most 32 one-warp CTAs) x 32 threads x 16 B x
+row loads issued before the first use. Nothing here has been timed on a GPU.
+
+Column chunks: a program's BLOCK_D columns always lie inside one core slice [i*DH, (i+1)*DH)
+(DH = Dv / h), so a row's score is one scalar per program (no per-column core lookup); grids and
+loops enumerate h * cdiv(DH, BLOCK_D) chunks.
+
+Forward, E_PAD * 16/elt <= 64 (bf16: E <= 4; fp32: E <= 16): `_gather_pool_fwd_kernel`, one
+one-warp program per (token, column chunk, selection split) (several tokens per program for a
+core narrower than a warp's 16-byte row). It walks its chunk of the token's M selections,
+UNROLL = 4 rows per round, and adds each score-weighted row into an fp32 [E_PAD, BLOCK_D]
+register tile with a one-hot select (E is a constexpr); the output is written once. The price is
+E_PAD selects per loaded element, i.e. why larger E goes to the sorted path.
+ptxas decides how many of a round's row loads it issues before the first use: by default
+(~70 registers) 1-2 of 4; with `.maxnreg` 96 (ROW_MAXNREG) all 4, at 72 registers, 28 CTAs per
+SM: 28 x 32 threads x 4 x 16 B = 57 KB in flight per SM, 2.3x the H200 product (bf16, E = 4).
+Decode sizes (`forward_config`): T programs per chunk fill few SMs when T is small, so the M
+selections are split over SPLIT programs that write fp32 partial tiles into a [SPLIT, T, E, Dv]
+workspace, summed in split order by `_split_reduce_kernel` (deterministic; one more launch).
+Extra bytes: 2*SPLIT*T*E*Dv*4 with SPLIT*T*chunks < 64*SMs by construction: L2-resident.
+
+Forward, larger E (bf16 E >= 9), and the deterministic / bf16-destination backward: the
+segmented sum (`_segment_sum_kernel` + `_segment_fixup_kernel`). Entries j = (t, k) are sorted by
+their output row (forward: t*E + block, a stable per-token sort of the blocks; backward: the
+table row, a stable sort of the T*M row ids), and the per-entry operands are gathered into that
+order in torch (the source row index, the key, the h scores: ~32 bytes per entry). Programs own
+fixed blocks of SEG consecutive sorted entries; each walks its block in groups of UNROLL = 4 rows
+loaded as one [UNROLL, BLOCK_D] tile (plus, for a main_grad destination, the [UNROLL, BLOCK_D]
+destination rows it will add to), forms the segmented running sums of the group with an in-thread
+associative scan, and writes every segment that starts and ends in its block once:
+destination = round(old + sum), fp32 (fp64) accumulation, one rounding per element. A segment cut
+by a block boundary leaves fp32 partial sums (the block's head and tail) in a [blocks, 2, Dv]
+workspace; `_segment_fixup_kernel` then adds, per cut segment and column chunk, the partials of
+the blocks it spans, in block order, and writes that row once. So no program walks a hot row
+alone (a row chosen 13,000 times is 13,000 / SEG blocks summed in parallel, then ~51 partials at
+SEG = 256), the result is bitwise reproducible (fixed blocks, stable sorts), and the destination
+is read and written once per touched row and column. Dv is looped inside a program at training
+sizes (the sorted metadata is read once per column chunk from L1/L2); at decode sizes the chunks
+are spread over a second grid dimension instead. The one-hot tile's E factor is gone: one FMA
+per element whatever E.
+
+Backward, grad_scores (every table dtype) and the atomic path (fp32/fp64 tables only):
+`_gather_pool_bwd_kernel`, one 4-warp program per BLOCK_K = 16 flattened selections, looping
+over the column chunks of each core: it loads the [BLOCK_K, BLOCK_D] tiles of grad_pooled rows
+(and of value rows for grad_scores), accumulates g * v per core in registers (reduced once per
+core, stored once at the end), and atomically adds score * g into the fp32/fp64 destination
+(relaxed: one pass, order-dependent rounding). The scores are loaded once per core, outside the
+column loop, so no conversion of a score vector sits between row loads (the bf16-score case did
+that before). 2-byte tables never take the atomics: Triton lays out a 16-byte fp32 atomic as 4
+elements per thread and a 16-byte bf16 row load as 8, and converts between them through shared
+memory with barriers inside the column loop (seen in the SASS); their table gradient (fp32 or
+bf16 destination) is the segmented sum, which is deterministic too. bf16, grad_scores only:
+49 registers, 2 rows x 16 B x 2 tiles in flight per thread, 37 KB per SM.
+
+Destination (Megatron): whenever `values` has a `main_grad` (DDP's grad buffer: fp32 with
+grad_reduce_in_fp32, else bf16), grad_values goes straight into it, whatever
+gradient_accumulation_fusion says; the autograd gradient is None, or Megatron's flagged,
+uninitialized placeholder when the param has `grad_added_to_main_grad` (`_megatron_dummy_wgrad`:
+DDP's hook then fires without adding it). Without main_grad the gradient is a zeroed [N, Dv]
+tensor in the table dtype written in place (no fp32 table, no cast pass). fp32/fp64
+destinations take the atomic kernel by default, the segmented sum with `deterministic=True`;
+bf16/fp16 destinations always take the segmented sum.
+
+Offsets: every address that multiplies two runtime sizes is computed in int64 (program ids and
+loaded indices are widened first); compile_sm90.py checks the TTIR for int32 products of two
+runtime values that feed an address.
 
 Accumulation is fp32 (fp64 for fp64 tables), like the reference. The ops are registered as opaque
 `torch.library.custom_op`s (TRITON_NOTES: `triton_op` breaks torch.compile under the interpreter),
-with `register_fake` and `register_autograd`, so torch.compile traces around them.
+with `register_fake` and `register_autograd`, so torch.compile traces around them. Nothing in the
+launchers synchronizes with the host (no .item(), no data-dependent shapes): the grids depend on
+shapes only, so the ops are safe inside CUDA-graph capture (tests/kernels/test_sync_free.py).
 """
 
 import functools
+import math
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -77,7 +124,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAVE_TRITON = False
 
-__all__ = ["gather_pool", "HAVE_TRITON", "forward_config", "ForwardLaunch"]
+__all__ = ["gather_pool", "HAVE_TRITON", "forward_config", "ForwardLaunch", "segment_config"]
 
 _NAMESPACE = "megatron_ultramem"
 # Test-only debug switch: outputs are pre-filled with NaN (integer outputs with -1) so an element the
@@ -115,9 +162,23 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _block_d(Dv: int, cap: int) -> int:
-    # >= 16 so a warp's vector loads stay wide; capped so the [E_PAD, BLOCK_D] tile fits registers.
-    return max(16, min(_next_pow2(Dv), cap))
+def _vec(elt: int) -> int:
+    """Elements of `elt` bytes in one 16-byte vector load."""
+    return max(1, 16 // elt)
+
+
+def _align(n: int, elt: int) -> int:
+    """The largest power of two <= 16 / elt dividing n: the vector width n allows (ALIGN)."""
+    a = 1
+    while a * 2 <= _vec(elt) and n % (a * 2) == 0:
+        a *= 2
+    return a
+
+
+def _chunk_width(DH: int, elt: int) -> int:
+    """BLOCK_D: one warp reading 16 bytes per thread (32 x 16 / elt columns), capped at the core
+    width (a power of two, >= 16 so that a tile is never tiny)."""
+    return max(16, min(_next_pow2(DH), 32 * _vec(elt)))
 
 
 if HAVE_TRITON:
@@ -153,43 +214,53 @@ if HAVE_TRITON:
         E_PAD: tl.constexpr,
         H_CORES: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        TOKENS: tl.constexpr,  # tokens per program: 32 x 16 B / (BLOCK_D x elt) for narrow cores
         UNROLL: tl.constexpr,
+        ALIGN: tl.constexpr,  # Dv and DH are multiples of it (the launcher checks)
         ACC: tl.constexpr,
         RNE_BY_HAND: tl.constexpr,
     ):
-        t = tl.program_id(0).to(tl.int64)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        """One-hot register pooling: program (TOKENS tokens, column chunk, split) -> out tiles
+        [TOKENS, E_PAD, BLOCK_D]. A core narrower than a warp's 16-byte row (bf16: DH < 256)
+        takes TOKENS > 1 tokens in lockstep, so that each thread still loads 16 bytes of a row.
+
+        Bytes in flight (benchmarks/results/kernels_sm90_compile.md; bf16, E = 4, UNROLL = 4,
+        maxnreg 96): 72 registers -> 28 one-warp CTAs per SM -> 28 x 32 x 4 x 16 B = 57 KB per
+        SM against the H200 product of ~25 KB."""
+        Dv = Dv // ALIGN * ALIGN  # no-ops that tell the compiler the row starts are aligned
+        DH = DH // ALIGN * ALIGN
+        nq = tl.cdiv(DH, BLOCK_D)
+        q = tl.program_id(1)
+        core = q // nq
+        col0 = core.to(tl.int64) * DH + (q % nq) * BLOCK_D  # first column of the chunk
+        width = tl.minimum(DH - (q % nq) * BLOCK_D, BLOCK_D)  # columns in the chunk
+        offs_d = tl.arange(0, BLOCK_D)[None, None, :]  # [1, 1, BLOCK_D]
+        tok = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)[:, None, None]
+        tok_ok = tok < T  # [TOKENS, 1, 1]
         split = tl.program_id(2).to(tl.int64)  # selections [split * CHUNK, (split + 1) * CHUNK)
-        mask_d = offs_d < Dv
-        core_d = offs_d // DH  # MCS slice of each column
-        e_idx = tl.arange(0, E_PAD)
-        acc = tl.zeros((E_PAD, BLOCK_D), dtype=ACC)
+        e_idx = tl.arange(0, E_PAD)[None, :, None]  # [1, E_PAD, 1]
+        acc = tl.zeros((TOKENS, E_PAD, BLOCK_D), dtype=ACC)
         k_lo = split * CHUNK
         k_hi = tl.minimum(k_lo + CHUNK, M)
-        first = t * M
+        first = tok * M
         for k0 in range(k_lo, k_hi, UNROLL):
-            # Unrolled so UNROLL row loads are independent and in flight together.
+            # Unrolled: the UNROLL row loads are independent (the compiler decides how many it
+            # issues before the first use: compile_sm90.py measures it).
             for u in tl.static_range(UNROLL):
                 k = k0 + u
-                valid = k < k_hi
-                # Column limit 0 past the last selection: the scalar condition folded into the
-                # vector mask (a `vector & scalar-bool` mask breaks the interpreter).
-                d_lim = tl.where(valid, Dv, 0)
+                # Tokens limit T, 0 past the last selection (a `tensor & scalar-bool` mask
+                # breaks the interpreter). [TOKENS, 1, 1]
+                ok = tok < tl.where(k < k_hi, T, 0)
                 sel = first + k
-                row = tl.load(rows_ptr + sel, mask=valid, other=0)
-                blk = tl.load(blocks_ptr + sel, mask=valid, other=0)
-                v = tl.load(values_ptr + row * Dv + offs_d, mask=offs_d < d_lim, other=0.0).to(ACC)
-                # Per-column score: the score of the core slice the column belongs to.
-                s0 = tl.load(scores_ptr + sel * H_CORES, mask=valid, other=0.0).to(ACC)
-                s_col = tl.zeros((BLOCK_D,), dtype=ACC) + s0
-                for i in tl.static_range(1, H_CORES):
-                    s_i = tl.load(scores_ptr + sel * H_CORES + i, mask=valid, other=0.0).to(ACC)
-                    s_col = tl.where(core_d == i, s_i, s_col)
-                # One-hot FMA into the selection's virtual block (E_PAD x BLOCK_D, no reductions).
-                hit = (e_idx == blk).to(ACC)  # [E_PAD]
-                acc += hit[:, None] * (s_col * v)[None, :]
-        out_offs = ((split * T + t) * E + e_idx[:, None]) * Dv + offs_d[None, :]  # [E_PAD, BLOCK_D]
-        out_mask = (e_idx[:, None] < E) & mask_d[None, :]
+                row = tl.load(rows_ptr + sel, mask=ok, other=0)
+                blk = tl.load(blocks_ptr + sel, mask=ok, other=0)
+                s = tl.load(scores_ptr + sel * H_CORES + core, mask=ok, other=0.0).to(ACC)
+                v = tl.load(values_ptr + (row * Dv + col0) + offs_d, mask=ok & (offs_d < width),
+                            other=0.0, eviction_policy="evict_first").to(ACC)  # row load
+                # One-hot select into the selection's virtual block (no reductions).
+                acc += tl.where(e_idx == blk, s * v, 0.0)
+        out_offs = ((split * T + tok) * E + e_idx) * Dv + col0 + offs_d  # [TOKENS, E_PAD, BD]
+        out_mask = tok_ok & (e_idx < E) & (offs_d < width)
         tl.store(out_ptr + out_offs, _cast_for_store(acc, out_ptr, RNE_BY_HAND), mask=out_mask)
 
     @triton.jit
@@ -199,15 +270,178 @@ if HAVE_TRITON:
         n,
         SPLIT,
         BLOCK: tl.constexpr,
+        UNROLL: tl.constexpr,
         RNE_BY_HAND: tl.constexpr,
     ):
-        """out = sum of the splits' partial sums, in split order (deterministic), cast once."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        """out = the sum of the splits' partial sums in a fixed order (UNROLL splits at a time,
+        loaded together; deterministic), cast once. Offsets in int64: SPLIT * n passes 2^31
+        at T = 8192, E = 4, Dv = 1024 with SPLIT >= 65 (an explicit split= override)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]  # [1, BLOCK]
         mask = offs < n
-        acc = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-        for s in range(1, SPLIT):
-            acc += tl.load(ws_ptr + s * n + offs, mask=mask, other=0.0)
+        su = tl.arange(0, UNROLL)[:, None]  # [UNROLL, 1]
+        acc = tl.zeros((1, BLOCK), dtype=ws_ptr.dtype.element_ty)
+        for s0 in range(0, SPLIT, UNROLL):
+            sp = s0 + su
+            p = tl.load(ws_ptr + sp.to(tl.int64) * n + offs, mask=mask & (sp < SPLIT), other=0.0,
+                        eviction_policy="evict_first")  # row load
+            acc += tl.sum(p, axis=0)[None, :]  # in-thread: UNROLL is the register dimension
         tl.store(out_ptr + offs, _cast_for_store(acc, out_ptr, RNE_BY_HAND), mask=mask)
+
+    @triton.jit
+    def _segmented_add(v1, f1, v2, f2):
+        """Combine of a segmented sum scan: (value, segment-start flag) pairs."""
+        return tl.where(f2 != 0, v2, v1 + v2), f1 | f2
+
+    @triton.jit
+    def _segment_sum_kernel(
+        src_ptr,  # [*, Dv] rows to gather (forward: the table; backward: grad_pooled [T*E, Dv])
+        gidx_ptr,  # [TM] int64: source row of each sorted entry
+        key_ptr,  # [TM + 1] int64: destination row of each sorted entry, ascending; key[TM] = -1
+        sc_ptr,  # [TM, H_CORES]: the entry's score per core
+        dst_ptr,  # [*, Dv] destination (rows `key`), any float dtype
+        part_ptr,  # [NB, 2, Dv] ACC: partial sums of the segments cut by this block's ends
+        TM,
+        Dv,
+        DH,
+        SEG,  # sorted entries per program
+        H_CORES: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UNROLL: tl.constexpr,
+        ALIGN: tl.constexpr,
+        ACC: tl.constexpr,
+        LOAD_OLD: tl.constexpr,  # destination += sum (main_grad) instead of = sum
+        RNE_BY_HAND: tl.constexpr,
+    ):
+        """Segmented sums of score-weighted gathered rows over block pid(0) of the sorted entries.
+
+        A segment (entries with one key) that starts and ends in this block is written to its
+        destination row once: round(old + sum). The segment this block starts inside of (its
+        key equals the key before the block: the 'head') and the one it ends inside of (the
+        'tail', continuing past the block) are not final: their partial sums go to part[b, 0]
+        (head; also a block that is one segment from end to end) and part[b, 1] (tail), for
+        `_segment_fixup_kernel`. Columns: chunks pid(1), pid(1) + num_programs(1), ...
+
+        Bytes in flight (kernels_sm90_compile.md; bf16 rows, UNROLL = 4, maxnreg 96): ~94
+        registers -> 21 CTAs per SM -> 21 x 32 x 4 x 16 B = 43 KB per SM (into a bf16 main_grad,
+        whose 4 destination rows are loaded too, ptxas keeps ~2.7 of the 8 in flight: 29 KB)."""
+        Dv = Dv // ALIGN * ALIGN
+        DH = DH // ALIGN * ALIGN
+        b = tl.program_id(0).to(tl.int64)
+        j_lo = b * SEG
+        j_hi = tl.minimum(j_lo + SEG, TM)
+        key_before = tl.load(key_ptr + j_lo - 1, mask=j_lo > 0, other=-1)  # -1: no row
+        key_first = tl.load(key_ptr + j_lo)
+        key_last = tl.load(key_ptr + j_hi - 1)
+        key_after = tl.load(key_ptr + j_hi)  # -1 past the last entry
+        offs_u = tl.arange(0, UNROLL)[:, None]  # [UNROLL, 1]
+        nq = tl.cdiv(DH, BLOCK_D)
+        for q in range(tl.program_id(1), H_CORES * nq, tl.num_programs(1)):
+            core = q // nq
+            col0 = core.to(tl.int64) * DH + (q % nq) * BLOCK_D  # first column of the chunk
+            width = tl.minimum(DH - (q % nq) * BLOCK_D, BLOCK_D)  # columns in the chunk
+            offs_d = tl.arange(0, BLOCK_D)[None, :]  # [1, BD]
+            in_core = offs_d < width
+            carry = tl.zeros((1, BLOCK_D), dtype=ACC)  # running sum of the open segment
+            head = tl.zeros((1, BLOCK_D), dtype=ACC)  # the head segment's sum, once it ended
+            for j0 in range(j_lo, j_hi, UNROLL):
+                j = j0 + offs_u  # [UNROLL, 1] int64
+                valid = j < j_hi
+                # the row loads first: they wait on one index load only
+                gi = tl.load(gidx_ptr + j, mask=valid, other=0)
+                m2 = valid & in_core
+                x = tl.load(src_ptr + (gi * Dv + col0) + offs_d, mask=m2, other=0.0,
+                            eviction_policy="evict_first")  # row load
+                key = tl.load(key_ptr + j, mask=valid, other=-3)
+                prv = tl.load(key_ptr + j - 1, mask=valid & (j > 0), other=-1)
+                nxt = tl.load(key_ptr + j + 1, mask=valid, other=-3)
+                s = tl.load(sc_ptr + j * H_CORES + core, mask=valid, other=0.0).to(ACC)
+                ends = key != nxt  # the entry closes its segment (inside the block or at its end)
+                is_head = key == key_before  # belongs to the segment begun before the block
+                final = ends & (~is_head)
+                if LOAD_OLD:
+                    # Issued with the row loads: it depends on the keys only.
+                    old = tl.load(dst_ptr + (key * Dv + col0) + offs_d, mask=m2 & final,
+                                  other=0.0, eviction_policy="evict_first")  # row load
+                # Segmented inclusive scan over the group's rows (in-thread: UNROLL is the
+                # register dimension of the tile), then the open segment's carry on the rows
+                # that continue it.
+                # Padding rows past the block (x = 0) continue the last segment, so the group's
+                # last row always carries the running sum of the block's last valid row.
+                start = ((key != prv) & valid).to(tl.int32)
+                start = start + tl.zeros((UNROLL, BLOCK_D), dtype=tl.int32)
+                val, seen = tl.associative_scan((s * x.to(ACC), start), 0, _segmented_add)
+                val = tl.where(seen == 0, val + carry, val)
+                if LOAD_OLD:
+                    res = old.to(ACC) + val
+                else:
+                    res = val
+                tl.store(dst_ptr + (key * Dv + col0) + offs_d, _cast_for_store(res, dst_ptr, RNE_BY_HAND),
+                         mask=m2 & final)  # fmt: skip
+                head_end = (ends & is_head & valid).to(tl.int32)  # [UNROLL, 1]: <= 1 row
+                head_sum = tl.sum(tl.where(head_end != 0, val, 0.0), axis=0)[None, :]
+                head = tl.where(tl.sum(head_end, axis=0)[None, :] > 0, head_sum, head)
+                carry = tl.sum(tl.where(offs_u == UNROLL - 1, val, 0.0), axis=0)[None, :]
+            # After the walk `carry` is the running sum of the block's last segment.
+            has_head = key_first == key_before  # the block starts inside an earlier segment
+            all_head = key_last == key_before  # ... and never leaves it
+            cont = key_last == key_after  # the last segment continues past the block
+            pbase = part_ptr + (b * 2 * Dv + col0) + offs_d
+            # (scalar conditions folded into the column limit: see the forward kernel)
+            tl.store(pbase, tl.where(all_head, carry, head), mask=offs_d < tl.where(has_head, width, 0))
+            tl.store(pbase + Dv, carry, mask=offs_d < tl.where(cont & (~all_head), width, 0))
+
+    @triton.jit
+    def _segment_fixup_kernel(
+        key_ptr,  # [TM + 1] int64 (as in _segment_sum_kernel)
+        end_blk_ptr,  # [NB] int64: the block holding the last entry of block b's last segment
+        part_ptr,  # [NB, 2, Dv] ACC partials
+        dst_ptr,  # [*, Dv]
+        TM,
+        Dv,
+        DH,
+        SEG,
+        H_CORES: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UNROLL: tl.constexpr,
+        ALIGN: tl.constexpr,
+        ACC: tl.constexpr,
+        LOAD_OLD: tl.constexpr,
+        RNE_BY_HAND: tl.constexpr,
+    ):
+        """Program (b, column chunk): if block b's last segment starts in b and continues past
+        it, sum its partials in block order (tail of b, heads of b+1 .. end) and write the row
+        once: round(old + sum). Loads of UNROLL partials are issued together (no stores in the
+        loop)."""
+        Dv = Dv // ALIGN * ALIGN
+        DH = DH // ALIGN * ALIGN
+        b = tl.program_id(0).to(tl.int64)
+        nq = tl.cdiv(DH, BLOCK_D)
+        q = tl.program_id(1)
+        core = q // nq
+        col0 = core.to(tl.int64) * DH + (q % nq) * BLOCK_D  # first column of the chunk
+        width = tl.minimum(DH - (q % nq) * BLOCK_D, BLOCK_D)  # columns in the chunk
+        offs_d = tl.arange(0, BLOCK_D)[None, :]
+        j_lo = b * SEG
+        j_hi = tl.minimum(j_lo + SEG, TM)
+        key_before = tl.load(key_ptr + j_lo - 1, mask=j_lo > 0, other=-1)
+        key = tl.load(key_ptr + j_hi - 1)
+        active = (key == tl.load(key_ptr + j_hi)) & (key != key_before)
+        last = tl.where(active, tl.load(end_blk_ptr + b), b)  # empty loop when inactive
+        # Columns of this core slice, none when inactive (the scalar condition folded into the
+        # vector mask, as in the forward kernel).
+        in_core = offs_d < tl.where(active, width, 0)
+        offs_u = tl.arange(0, UNROLL)[:, None]
+        acc = tl.load(part_ptr + ((b * 2 + 1) * Dv + col0) + offs_d, mask=in_core, other=0.0,
+                      eviction_policy="evict_first")  # row load
+        for b0 in range(b + 1, last + 1, UNROLL):
+            bb = b0 + offs_u  # [UNROLL, 1]
+            p = tl.load(part_ptr + (bb * 2 * Dv + col0) + offs_d, mask=in_core & (bb <= last),
+                        other=0.0, eviction_policy="evict_first")  # row load
+            acc += tl.sum(p, axis=0)[None, :]  # in-thread: UNROLL is the register dimension
+        ptrs = dst_ptr + (key * Dv + col0) + offs_d
+        if LOAD_OLD:
+            acc = tl.load(ptrs, mask=in_core, other=0.0).to(ACC) + acc
+        tl.store(ptrs, _cast_for_store(acc, dst_ptr, RNE_BY_HAND), mask=in_core)
 
     @triton.jit
     def _gather_pool_bwd_kernel(
@@ -217,7 +451,7 @@ if HAVE_TRITON:
         scores_ptr,  # [T*M, H_CORES]
         values_ptr,  # [N, Dv]
         gscores_ptr,  # [T*M, H_CORES] out (if NEED_GS)
-        gvalues_ptr,  # [N, Dv] accumulation buffer (if ATOMIC_DV)
+        gvalues_ptr,  # [N, Dv] fp32/fp64 accumulation buffer (if ATOMIC_DV)
         TM,
         M,
         Dv,
@@ -227,110 +461,57 @@ if HAVE_TRITON:
         H_PAD: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        ALIGN: tl.constexpr,
         ACC: tl.constexpr,
         NEED_GS: tl.constexpr,
         ATOMIC_DV: tl.constexpr,
         RNE_BY_HAND: tl.constexpr,
     ):
-        # Flattened selections j = t * M + k; a tile may span two tokens, each j knows its own t.
-        offs_j = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        """Program over BLOCK_K flattened selections j = t*M + k (a tile may span two tokens):
+        grad_scores[j, i] = <grad_pooled[t, blocks[j], core i], values[rows[j], core i]> and,
+        with ATOMIC_DV, gvalues[rows[j], core i] += scores[j, i] * grad_pooled[t, blocks[j], core i].
+
+        Bytes in flight: see compile_sm90.py's table (per thread BLOCK_K * BLOCK_D / threads / 8
+        16-byte loads of each of the two gathered tiles per column chunk)."""
+        Dv = Dv // ALIGN * ALIGN
+        DH = DH // ALIGN * ALIGN
+        offs_j = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]  # [BK, 1]
         mask_j = offs_j < TM
         t = offs_j // M
         row = tl.load(rows_ptr + offs_j, mask=mask_j, other=0)
         blk = tl.load(blocks_ptr + offs_j, mask=mask_j, other=0)
         g_base = (t * E + blk) * Dv  # start of grad_pooled[t, blocks[t,k]]
         v_base = row * Dv  # start of values[rows[t,k]]
-        h_idx = tl.arange(0, H_PAD)
-        gs = tl.zeros((BLOCK_K, H_PAD), dtype=ACC)
-        for d0 in range(0, Dv, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < Dv
-            core_d = offs_d // DH
-            m2 = mask_j[:, None] & mask_d[None, :]
-            g = tl.load(grad_ptr + g_base[:, None] + offs_d[None, :], mask=m2, other=0.0).to(ACC)
+        h_idx = tl.arange(0, H_PAD)[None, :]  # [1, H_PAD]
+        gs_all = tl.zeros((BLOCK_K, H_PAD), dtype=ACC)  # grad_scores, stored once at the end
+        for i in tl.static_range(H_CORES):
+            # One score per selection for the whole core slice: loaded before the column loop.
+            s = tl.load(scores_ptr + offs_j * H_CORES + i, mask=mask_j, other=0.0).to(ACC)
+            gs = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC)
+            for d0 in range(i * DH, (i + 1) * DH, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)[None, :]  # [1, BLOCK_D]
+                m2 = mask_j & (offs_d < (i + 1) * DH)
+                # grad_pooled rows are reused by the token's other selections: evict_last.
+                g = tl.load(grad_ptr + g_base + offs_d, mask=m2, other=0.0,
+                            eviction_policy="evict_last").to(ACC)  # row load
+                if NEED_GS:
+                    v = tl.load(values_ptr + v_base + offs_d, mask=m2, other=0.0,
+                                eviction_policy="evict_first")  # row load
+                    gs += g * v.to(ACC)
+                if ATOMIC_DV:
+                    # relaxed: only the final sum matters, no ordering with other memory operations.
+                    tl.atomic_add(gvalues_ptr + v_base + offs_d,
+                                  (s * g).to(gvalues_ptr.dtype.element_ty), mask=m2,
+                                  sem="relaxed")  # fmt: skip
             if NEED_GS:
-                v = tl.load(values_ptr + v_base[:, None] + offs_d[None, :], mask=m2, other=0.0)
-                prod = g * v.to(ACC)  # [BLOCK_K, BLOCK_D]
-                for i in tl.static_range(H_CORES):
-                    part = tl.sum(tl.where(core_d[None, :] == i, prod, 0.0), axis=1)  # [BLOCK_K]
-                    gs = tl.where(h_idx[None, :] == i, gs + part[:, None], gs)
-            if ATOMIC_DV:
-                s0 = tl.load(scores_ptr + offs_j * H_CORES, mask=mask_j, other=0.0).to(ACC)
-                s_col = tl.zeros((BLOCK_K, BLOCK_D), dtype=ACC) + s0[:, None]  # core-0 score
-                for i in tl.static_range(1, H_CORES):
-                    s_i = tl.load(scores_ptr + offs_j * H_CORES + i, mask=mask_j, other=0.0)
-                    s_col = tl.where(core_d[None, :] == i, s_i.to(ACC)[:, None], s_col)
-                # relaxed: only the final sum matters, no ordering with other memory operations.
-                tl.atomic_add(
-                    gvalues_ptr + v_base[:, None] + offs_d[None, :],
-                    (s_col * g).to(gvalues_ptr.dtype.element_ty),  # fp32 or fp64 destination
-                    mask=m2,
-                    sem="relaxed",
-                )
-        if NEED_GS:
-            gs_offs = offs_j[:, None] * H_CORES + h_idx[None, :]
-            gs_mask = mask_j[:, None] & (h_idx[None, :] < H_CORES)
-            tl.store(
-                gscores_ptr + gs_offs, _cast_for_store(gs, gscores_ptr, RNE_BY_HAND), mask=gs_mask
-            )
-
-    @triton.jit
-    def _scatter_sorted_kernel(
-        grad_ptr,  # [T, E, Dv] grad of pooled
-        order_ptr,  # [T*M] int64: flat selection index, sorted by row (stable)
-        sorted_rows_ptr,  # [T*M] int64
-        run_end_ptr,  # [T*M] int32: end of the run of equal rows for run starts, else own index
-        blocks_ptr,  # [T*M] int64
-        scores_ptr,  # [T*M, H_CORES]
-        gvalues_ptr,  # [N, Dv] any float dtype, written by the row's owner only
-        M,
-        Dv,
-        DH,
-        E: tl.constexpr,
-        H_CORES: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        UNROLL: tl.constexpr,
-        ACC: tl.constexpr,
-        LOAD_OLD: tl.constexpr,  # add to the destination (main_grad) instead of storing (zeros)
-        RNE_BY_HAND: tl.constexpr,
-    ):
-        """Each run of equal rows is summed in ACC by the program at its start, in sorted order,
-        and the row is written once: destination = round(old + sum) (round(sum) without LOAD_OLD),
-        one rounding per element whatever the destination dtype (bf16 main_grad included)."""
-        j = tl.program_id(0)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        core_d = offs_d // DH
-        end = tl.load(run_end_ptr + j)  # == j (empty loop, masked store) unless j starts a run
-        acc = tl.zeros((BLOCK_D,), dtype=ACC)
-        for jj0 in range(j, end, UNROLL):
-            for u in tl.static_range(UNROLL):
-                jj = jj0 + u
-                valid = jj < end
-                d_lim = tl.where(valid, Dv, 0)  # see the forward kernel
-                src = tl.load(order_ptr + jj, mask=valid, other=0)  # = t * M + k
-                blk = tl.load(blocks_ptr + src, mask=valid, other=0)
-                g = tl.load(
-                    grad_ptr + ((src // M) * E + blk) * Dv + offs_d, mask=offs_d < d_lim, other=0.0
-                ).to(ACC)
-                s0 = tl.load(scores_ptr + src * H_CORES, mask=valid, other=0.0).to(ACC)
-                s_col = tl.zeros((BLOCK_D,), dtype=ACC) + s0
-                for i in tl.static_range(1, H_CORES):
-                    s_i = tl.load(scores_ptr + src * H_CORES + i, mask=valid, other=0.0).to(ACC)
-                    s_col = tl.where(core_d == i, s_i, s_col)
-                acc += s_col * g  # fixed order within the run: bitwise reproducible
-        row = tl.load(sorted_rows_ptr + j)
-        ptrs = gvalues_ptr + row * Dv + offs_d
-        own = offs_d < tl.where(end > j, Dv, 0)
-        if LOAD_OLD:
-            old = tl.load(ptrs, mask=own, other=0.0)
-            if gvalues_ptr.dtype.element_ty == tl.float64:
-                acc = old + acc.to(tl.float64)
-            else:
-                acc = old.to(ACC) + acc  # bf16/fp16 main_grad: summed in fp32, rounded once below
-        tl.store(ptrs, _cast_for_store(acc, gvalues_ptr, RNE_BY_HAND), mask=own)
+                gs_all = tl.where(h_idx == i, tl.sum(gs, axis=1)[:, None], gs_all)
+        if NEED_GS:  # one store (and layout conversion) after every row load
+            tl.store(gscores_ptr + offs_j * H_CORES + h_idx,
+                     _cast_for_store(gs_all, gscores_ptr, RNE_BY_HAND),
+                     mask=mask_j & (h_idx < H_CORES))  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------- launch tables
 def _check_inputs(rows, blocks, scores, values) -> Tuple[int, int, int, int, int]:
     T, M = rows.shape
     N, Dv = values.shape
@@ -342,17 +523,45 @@ def _check_inputs(rows, blocks, scores, values) -> Tuple[int, int, int, int, int
     return T, M, N, Dv, h
 
 
-DEFAULT_SMS = 132  # H200 / H100 SXM: the table's SM count where no CUDA device is visible
-PROGRAMS_PER_SM = 32  # Hopper's resident-CTA limit: small forward programs can all be resident
+DEFAULT_SMS = 132  # H200 / H100 SXM: the tables' SM count where no CUDA device is visible
+PROGRAMS_PER_SM = 32  # Hopper's resident-CTA limit: one-warp programs can all be resident
+ONEHOT_MAX_ACC = 64  # fp32 accumulators per thread of the one-hot tile (E_PAD x 16-byte vector)
+SEG_MAX, SEG_UNROLL = 256, 4  # segmented sum: entries per program (at most), rows per group
+BWD_BLOCK_K = 16  # backward tile: selections per program
+# ptxas register cap (`.maxnreg`) of the one-warp row-streaming kernels. Without one, ptxas 12.x
+# (Triton 3.9's) schedules them for ~70 registers and sinks the unrolled row loads towards their
+# uses (1.3-2 row loads in flight per thread); with a cap of 96 it keeps all four of a round in
+# flight at ~72-95 registers (compile_sm90.py measures both; the GPU image's Triton 3.6 ships
+# another ptxas: benchmarks/gpu_check.py is where it shows).
+ROW_MAXNREG = 96
+
+
+def _row_maxnreg(align: int, elt: int) -> Optional[int]:
+    """ROW_MAXNREG for full 16-byte row vectors; none for narrower ones (more load
+    instructions per row: the cap made ptxas spill, and they keep enough in flight without)."""
+    return ROW_MAXNREG if align * elt >= 16 else None
 
 
 class ForwardLaunch(NamedTuple):
-    """Launch parameters of the forward kernel (see `forward_config`)."""
+    """Launch parameters of the forward (see `forward_config`)."""
 
+    path: str  # "onehot" (`_gather_pool_fwd_kernel`) or "sorted" (the segmented sum)
     block_d: int
-    split: int  # programs per (token, Dv block), each over a contiguous chunk of the M selections
+    split: int  # onehot: programs per (token, column chunk), each over a chunk of the selections
     unroll: int
     num_warps: int
+    seg: int  # sorted: sorted entries per program (0 for onehot)
+    lanes: int  # sorted: programs per block of entries along the column chunks
+    tokens: int = 1  # onehot: tokens per program (narrow cores: a warp's 16-byte row loads)
+
+
+class SegmentLaunch(NamedTuple):
+    """Launch parameters of the segmented sum (see `segment_config`)."""
+
+    seg: int
+    lanes: int
+    block_d: int
+    unroll: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -367,41 +576,108 @@ def num_sms(device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def forward_config(
-    T: int, M: int, Dv: int, E: int, elt: int, sms: int = DEFAULT_SMS
-) -> ForwardLaunch:
-    """The forward's launch table: block size, selection split and unroll per shape.
-
-    Reasoning (Little's law; benchmarks/gpu_check.py times the table against fixed alternatives,
-    not yet done on a GPU): the gather is a chain of dependent DRAM round trips per program (M /
-    UNROLL of them), so its speed is the bytes in flight per SM. Keeping HBM3e busy takes
-    ~bandwidth x latency / SMs ~ 4.8 TB/s x ~0.7 us / 132 ~ 25 KB per SM in flight.
-    - BLOCK_D: the widest of 16..256 columns whose fp32 [E_PAD, BLOCK_D] tile has <= 4096 elements
-      (registers) while T * cdiv(Dv, BLOCK_D) programs reach TARGET = PROGRAMS_PER_SM * sms;
-      below that, halved down to 128-byte row segments (one full cache line per row and program).
-    - SPLIT: if the programs still fall short of TARGET (T < 264 at Dv = 1024 in bf16: decode
-      batches), each token's M selections are split into chunks of
-      >= 2 * UNROLL, each program writing an fp32 partial [E, BLOCK_D] tile into a
-      [SPLIT, T, E, Dv] workspace that a second kernel sums in split order (deterministic) and
-      casts. The workspace is < 2 * TARGET * E_PAD * BLOCK_D * 4 bytes (8.7 MB at E = 4, bf16,
-      132 SMs): it stays in the 60 MB L2, so the extra traffic is not HBM traffic.
-    - UNROLL: 8 for tiles of <= 512 elements (1 warp, 2 elements per thread per row: cheap to
-      double the loads in flight), else 4. 32 resident 1-warp programs x 8 x 128 B = 32 KB/SM.
-    """
+def segment_config(TM: int, DH: int, h: int, elt: int, sms: int = DEFAULT_SMS) -> SegmentLaunch:
+    """The segmented sum's table: SEG_MAX entries per program while that gives >= TARGET =
+    PROGRAMS_PER_SM * sms programs, with the Dv column chunks looped inside each program
+    (training sizes: one pass over each entry's metadata per chunk, from L1/L2). Fewer entries:
+    the chunks are spread over a second grid dimension (lanes) and SEG is halved (down to
+    4 * SEG_UNROLL = 16) until the programs reach TARGET. elt: the bytes of the gathered rows."""
+    bd = _chunk_width(DH, elt)
+    chunks = h * _cdiv(DH, bd)
     target = PROGRAMS_PER_SM * sms
+    seg, lanes = SEG_MAX, 1
+    if _cdiv(TM, seg) < target:
+        lanes = chunks
+    while seg > 4 * SEG_UNROLL and _cdiv(TM, seg) * lanes < target:
+        seg //= 2  # >= 16: SEG stays a multiple of 16 for the JIT (a SEG = 8 specialization
+        # kept half the row loads in flight: compile_sm90.py)
+    return SegmentLaunch(seg, lanes, bd, SEG_UNROLL)
+
+
+def forward_config(
+    T: int, M: int, Dv: int, E: int, elt: int, sms: int = DEFAULT_SMS, h: int = 1
+) -> ForwardLaunch:
+    """The forward's launch table (path, block, tokens, split, unroll) per shape.
+
+    - BLOCK_D = `_chunk_width`: one warp reading 16 bytes per thread, within a core slice; a
+      narrower core (bf16 DH < 256) puts TOKENS = 32 x 16 B / (BLOCK_D x elt) tokens in a
+      program so that every thread still reads 16 bytes per row.
+    - path: "onehot" while the [E_PAD, 16/elt] accumulators per thread are <= ONEHOT_MAX_ACC
+      fp32 registers (bf16 E <= 4, fp32 E <= 16, fp64 E <= 25), else "sorted" (the segmented
+      sum: no E factor in registers or FMAs, at the price of a per-token sort of the blocks and
+      ~32 bytes per selection of gathered metadata).
+    - onehot UNROLL: 8 rows per round when the tile needs <= 32 accumulators per thread, else 4
+      (registers and the loads in flight: compile_sm90.py). SPLIT: if the programs fall short of
+      TARGET = PROGRAMS_PER_SM * sms (decode batches: T < 1056 at Dv = 1024, h = 2 in bf16),
+      each token's M selections are split over SPLIT programs (chunks of >= 2 * UNROLL; at most
+      ~sqrt(M) splits, which balances the M / SPLIT rounds of the pooling against the SPLIT
+      partials the reduce walks), partial tiles in an L2-resident fp32 workspace summed in split
+      order by `_split_reduce_kernel`.
+    - sorted: `segment_config` over the T * M entries.
+    """
+    DH = Dv // max(1, h)
+    bd = _chunk_width(DH, elt)
+    tokens = max(1, 32 * _vec(elt) // bd)
     e_pad = _next_pow2(E)
-    bd = _block_d(Dv, max(16, min(256, 4096 // e_pad)))
-    bd_min = min(bd, max(16, 128 // elt))
-    while bd > bd_min and T * _cdiv(Dv, bd) < target:
-        bd //= 2
-    tile = e_pad * bd
-    unroll = 8 if tile <= 512 else 4
-    num_warps = 4 if tile >= 2048 else (2 if tile > 512 else 1)
-    programs = max(1, T * _cdiv(Dv, bd))
+    per_thread = e_pad * _vec(elt)
+    if per_thread > ONEHOT_MAX_ACC:
+        s = segment_config(T * M, DH, h, elt, sms)
+        return ForwardLaunch("sorted", s.block_d, 1, s.unroll, 1, s.seg, s.lanes)
+    unroll = 4  # with ROW_MAXNREG: all 4 in flight; 8 does not fit the registers (sweep, sm_90)
+    programs = max(1, _cdiv(T, tokens) * h * _cdiv(DH, bd))
+    target = PROGRAMS_PER_SM * sms
     split = 1
     if programs < target:
-        split = max(1, min(_cdiv(target, programs), M // (2 * unroll)))
-    return ForwardLaunch(bd, split, unroll, num_warps)
+        cap = max(1, min(M // (2 * unroll), math.isqrt(M)))
+        split = max(1, min(_cdiv(target, programs), cap))
+    return ForwardLaunch("onehot", bd, split, unroll, 1, 0, 1, tokens)
+
+
+def bwd_tile(DH: int, elt: int) -> Tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_D, num_warps) of `_gather_pool_bwd_kernel`: 16 selections x one 16-byte
+    vector per thread per row over 4 warps (bf16: [16, 128] with 2 rows per thread per tile)."""
+    bd = max(16, min(_next_pow2(DH), 16 * _vec(elt)))
+    return BWD_BLOCK_K, bd, 4
+
+
+# ----------------------------------------------------------------------------- launchers
+def _segment_sum(src, gidx, key, sc, dst, h, load_old, cfg: SegmentLaunch, lanes=None):
+    """dst[key[j]] (+)= sum over the sorted entries j of a key of sc[j, core] * src[gidx[j]],
+    per core slice; one rounding per destination element (see `_segment_sum_kernel`).
+
+    gidx [TM] int64, key [TM + 1] int64 ascending with key[TM] = -1, sc [TM, h]; src, dst
+    [*, Dv] contiguous. No host synchronization: everything below is shaped by TM and Dv."""
+    TM = gidx.numel()
+    Dv = dst.shape[1]
+    DH = Dv // h
+    if TM == 0 or Dv == 0:
+        return
+    acc = torch.float64 if torch.float64 in (src.dtype, dst.dtype) else torch.float32
+    seg, bd = cfg.seg, cfg.block_d
+    nb = _cdiv(TM, seg)
+    chunks = h * _cdiv(DH, bd)
+    align = _align(DH, 2)
+    rne = _interpreting()
+    part = empty_output(nb, 2, Dv, dtype=acc, device=dst.device)
+    _segment_sum_kernel[(nb, min(chunks, lanes or cfg.lanes))](
+        src, gidx, key, sc, dst, part, TM, Dv, DH, seg,
+        H_CORES=h, BLOCK_D=bd, UNROLL=cfg.unroll, ALIGN=align, ACC=_TL_ACC[acc],
+        LOAD_OLD=load_old, RNE_BY_HAND=rne, num_warps=1,
+        maxnreg=_row_maxnreg(align, src.element_size()),
+    )  # fmt: skip
+    # The block holding the last entry of each block's last segment (a run end: searchsorted).
+    last = torch.clamp(torch.arange(1, nb + 1, device=key.device) * seg, max=TM) - 1
+    end_blk = (torch.searchsorted(key[:TM], key[last], right=True) - 1) // seg
+    _segment_fixup_kernel[(nb, chunks)](
+        key, end_blk, part, dst, TM, Dv, DH, seg,
+        H_CORES=h, BLOCK_D=bd, UNROLL=cfg.unroll, ALIGN=align, ACC=_TL_ACC[acc],
+        LOAD_OLD=load_old, RNE_BY_HAND=rne, num_warps=1,
+    )  # fmt: skip
+
+
+def _with_sentinel(key: torch.Tensor) -> torch.Tensor:
+    """[TM] -> [TM + 1] with key[TM] = -1 (no row), so `key[j + 1]` never reads past the end."""
+    return torch.nn.functional.pad(key, (0, 1), value=-1)
 
 
 def gather_pool_forward(
@@ -414,18 +690,35 @@ def gather_pool_forward(
     unroll: Optional[int] = None,
     split: Optional[int] = None,
     num_warps: Optional[int] = None,
+    path: Optional[str] = None,
+    seg: Optional[int] = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel: -> [T, E, Dv] in values.dtype. No autograd.
+    """Launch the forward: -> [T, E, Dv] in values.dtype. No autograd.
 
-    block_d / unroll / split / num_warps override `forward_config`'s table (benchmarks, tests).
-    """
+    block_d / unroll / split / num_warps / path / seg override `forward_config`'s table
+    (benchmarks, tests)."""
     T, M, N, Dv, h = _check_inputs(rows, blocks, scores, values)
-    assert 1 <= E <= 64, f"E={E}: the [E, BLOCK_D] accumulator tile lives in registers"
+    assert 1 <= E <= 64, f"E={E}: virtual blocks per token (the one-hot tile's rows)"
     rows, blocks, scores, values = (x.contiguous() for x in (rows, blocks, scores, values))
-    out = empty_output(T, E, Dv, dtype=values.dtype, device=values.device)
     if T == 0 or Dv == 0 or M == 0:
-        return out.zero_()
-    cfg = forward_config(T, M, Dv, E, values.element_size(), num_sms(values.device))
+        return torch.zeros(T, E, Dv, dtype=values.dtype, device=values.device)
+    elt = values.element_size()
+    cfg = forward_config(T, M, Dv, E, elt, num_sms(values.device), h)
+    path = path or cfg.path
+    DH = Dv // h
+    if path == "sorted":
+        # Entries in (token, block) order: a stable per-token sort of the blocks, the operands
+        # gathered into that order. [T, M] -> [T*M]
+        sorted_blocks, order = torch.sort(blocks, dim=1, stable=True)
+        key = (torch.arange(T, device=rows.device)[:, None] * E + sorted_blocks).reshape(T * M)
+        gidx = torch.gather(rows, 1, order).reshape(T * M)
+        sc = torch.gather(scores, 1, order[..., None].expand(T, M, h)).reshape(T * M, h)
+        s = segment_config(T * M, DH, h, elt, num_sms(values.device))
+        s = SegmentLaunch(seg or s.seg, s.lanes, block_d or s.block_d, s.unroll)
+        out = torch.zeros(T, E, Dv, dtype=values.dtype, device=values.device)  # empty blocks: 0
+        _segment_sum(values, gidx, _with_sentinel(key), sc, out.view(T * E, Dv), h, False, s)
+        return out
+    out = empty_output(T, E, Dv, dtype=values.dtype, device=values.device)
     bd = block_d or cfg.block_d
     unroll = unroll or cfg.unroll
     split = max(1, min(split or cfg.split, M))
@@ -433,19 +726,19 @@ def gather_pool_forward(
     split = triton.cdiv(M, chunk)  # no empty splits
     acc = _accum_dtype(values.dtype)
     rne = _interpreting()
-    if num_warps is None:
-        tile = _next_pow2(E) * bd
-        num_warps = 4 if tile >= 2048 else (2 if tile > 512 else 1)  # forward_config's rule
     dest = out if split == 1 else empty_output(split, T, E, Dv, dtype=acc, device=values.device)
-    _gather_pool_fwd_kernel[(T, triton.cdiv(Dv, bd), split)](
-        rows, blocks, scores, values, dest, T, M, Dv, Dv // h, chunk,
-        E=E, E_PAD=_next_pow2(E), H_CORES=h, BLOCK_D=bd, UNROLL=unroll,
-        ACC=_TL_ACC[acc], RNE_BY_HAND=rne, num_warps=num_warps,
+    tokens = cfg.tokens if bd == cfg.block_d else max(1, 32 * _vec(elt) // bd)
+    _gather_pool_fwd_kernel[(triton.cdiv(T, tokens), h * triton.cdiv(DH, bd), split)](
+        rows, blocks, scores, values, dest, T, M, Dv, DH, chunk,
+        E=E, E_PAD=_next_pow2(E), H_CORES=h, BLOCK_D=bd, TOKENS=tokens, UNROLL=unroll,
+        ALIGN=_align(DH, elt),
+        ACC=_TL_ACC[acc], RNE_BY_HAND=rne, num_warps=num_warps or cfg.num_warps,
+        maxnreg=_row_maxnreg(_align(DH, elt), elt),
     )  # fmt: skip
     if split > 1:
         n = T * E * Dv
-        _split_reduce_kernel[(triton.cdiv(n, 1024),)](
-            dest, out, n, split, BLOCK=1024, RNE_BY_HAND=rne, num_warps=4
+        _split_reduce_kernel[(triton.cdiv(n, 512),)](
+            dest, out, n, split, BLOCK=512, UNROLL=8, RNE_BY_HAND=rne, num_warps=4
         )
     return out
 
@@ -460,8 +753,10 @@ def gather_pool_backward(
     need_values: bool = True,
     deterministic: bool = False,
     values_grad_out: Optional[torch.Tensor] = None,
-    block_k: int = 16,
+    block_k: Optional[int] = None,
     block_d: Optional[int] = None,
+    seg: Optional[int] = None,
+    unroll: Optional[int] = None,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Launch the backward kernels. No autograd.
 
@@ -470,19 +765,20 @@ def gather_pool_backward(
     The values gradient goes
     - into `values_grad_out` when given (a contiguous [N, Dv] float tensor, e.g. Megatron's
       main_grad; it is added to, not overwritten, and returned). fp32/fp64: atomic adds (the
-      default) or the sorted owner kernel (`deterministic`). bf16/fp16: always the sorted owner
-      kernel, which sums each touched row's contribution in fp32 and adds it once, so every touched
-      element is rounded once per call (and the result is deterministic whatever `deterministic`
-      says); untouched rows are not read.
+      default) or the segmented sum (`deterministic`). bf16/fp16: always the segmented sum,
+      which sums each touched row's contribution in fp32 and adds it once, so every touched
+      element is rounded once per call (and the result is deterministic whatever
+      `deterministic` says); untouched rows are not read.
     - else into a fresh zeroed [N, Dv] tensor in values.dtype (the gradient itself): fp32/fp64
       tables as above; bf16/fp16 tables get their touched rows summed in fp32 and stored rounded
-      once by the owner kernel. No [N, Dv] temporary in the accumulation dtype exists.
+      once by the segmented sum. No [N, Dv] temporary in the accumulation dtype exists.
+    block_k / block_d / seg / unroll override the tables (tests: a small seg cuts segments
+    often; a large block_k / unroll makes fewer, wider interpreted steps at 10^4 selections).
     """
     T, M, N, Dv, h = _check_inputs(rows, blocks, scores, values)
     E = grad_pooled.shape[1]
     assert grad_pooled.shape == (T, E, Dv), (grad_pooled.shape, (T, E, Dv))
     TM = T * M
-    assert TM < 2**31, "flattened selection index is int32 in the deterministic path"
     grad_pooled, rows, blocks, scores, values = (
         x.contiguous() for x in (grad_pooled, rows, blocks, scores, values)
     )
@@ -504,37 +800,37 @@ def gather_pool_backward(
             gscores.zero_()
         return gscores, gvalues
     # Atomics only into fp32/fp64 destinations: a bf16 one must see each row's whole sum at once.
+    # Atomics only into fp32/fp64 destinations from 4/8-byte tables: a bf16 destination must
+    # see each row's whole sum at once, and with a 2-byte table Triton lays the fp32 atomic
+    # (4 x 4 bytes per thread) out unlike the 16-byte row load (8 x 2 bytes per thread), i.e. a
+    # shared-memory conversion with barriers between the row loads (compile_sm90.py): those
+    # take the segmented sum (deterministic) instead.
     wide = gvalues is not None and gvalues.dtype in (torch.float32, torch.float64)
-    atomic_dv = need_values and wide and not deterministic
-    tl_acc = _TL_ACC[acc]
-    rne = _interpreting()
+    atomic_dv = need_values and wide and not deterministic and values.element_size() >= 4
+    DH = Dv // h
+    elt = values.element_size()
     if need_scores or atomic_dv:
-        bd = block_d or _block_d(Dv, 128)
-        _gather_pool_bwd_kernel[(triton.cdiv(TM, block_k),)](
+        bk, bd, warps = bwd_tile(DH, max(elt, grad_pooled.element_size()))
+        bk, bd = block_k or bk, block_d or bd
+        _gather_pool_bwd_kernel[(triton.cdiv(TM, bk),)](
             grad_pooled, rows, blocks, scores, values,
             gscores if need_scores else grad_pooled,  # dummy pointer when unused
             gvalues if atomic_dv else grad_pooled,
-            TM, M, Dv, Dv // h,
-            E=E, H_CORES=h, H_PAD=_next_pow2(h), BLOCK_K=block_k, BLOCK_D=bd, ACC=tl_acc,
-            NEED_GS=need_scores, ATOMIC_DV=atomic_dv, RNE_BY_HAND=rne,
-            num_warps=8,  # [16, 128] tiles of 64-bit pointers: 4 warps ran at 168 regs (ptxas, sm_90)
+            TM, M, Dv, DH,
+            E=E, H_CORES=h, H_PAD=_next_pow2(h), BLOCK_K=bk, BLOCK_D=bd, ALIGN=_align(DH, elt), ACC=_TL_ACC[acc],
+            NEED_GS=need_scores, ATOMIC_DV=atomic_dv, RNE_BY_HAND=_interpreting(),
+            num_warps=warps,
         )  # fmt: skip
     if need_values and not atomic_dv:
-        flat_rows = rows.reshape(TM)
-        # Stable sort: equal rows keep selection order, so each run is summed in a fixed order.
-        sorted_rows, order = torch.sort(flat_rows, stable=True)
-        idx = torch.arange(TM, device=rows.device)
-        run_end = torch.searchsorted(sorted_rows, sorted_rows, right=True)  # end of each run
-        is_start = torch.ones(TM, dtype=torch.bool, device=rows.device)
-        is_start[1:] = sorted_rows[1:] != sorted_rows[:-1]
-        run_end = torch.where(is_start, run_end, idx).to(torch.int32)  # no host sync
-        bd = block_d or _block_d(Dv, 256)
-        _scatter_sorted_kernel[(TM, triton.cdiv(Dv, bd))](
-            grad_pooled, order, sorted_rows, run_end, blocks, scores, gvalues, M, Dv, Dv // h,
-            E=E, H_CORES=h, BLOCK_D=bd, UNROLL=4, ACC=tl_acc,
-            LOAD_OLD=values_grad_out is not None, RNE_BY_HAND=rne,
-            num_warps=2 if bd >= 256 else 1,
-        )  # fmt: skip
+        # Entries in table-row order (stable: equal rows keep selection order), the operands
+        # gathered into that order: each row's run is then a segment of the segmented sum.
+        sorted_rows, order = torch.sort(rows.reshape(TM), stable=True)
+        gidx = (order // M) * E + blocks.reshape(TM)[order]  # grad_pooled row (t, block)
+        sc = scores.reshape(TM, h)[order]
+        cfg = segment_config(TM, DH, h, grad_pooled.element_size(), num_sms(values.device))
+        cfg = SegmentLaunch(seg or cfg.seg, cfg.lanes, block_d or cfg.block_d, unroll or cfg.unroll)
+        _segment_sum(grad_pooled.view(T * E, Dv), gidx, _with_sentinel(sorted_rows), sc, gvalues,
+                     h, values_grad_out is not None, cfg)  # fmt: skip
     return gscores, gvalues
 
 

@@ -12,7 +12,7 @@ The reference writes and re-reads the [T, H, m, m] grid on top (2*T*H*m^2*elt by
 passes): at m = 768 (UltraMemV2), T = 8192, H = 2 that is 9.7e9 cells (19 GB in bf16).
 Selection is compare work, not FLOPs: it is what the two kernels below spend their time on.
 
-Design trade-off, m <= REGISTER_MAX_M (128): `_tucker_select_kernel`.
+Design trade-off, m <= REGISTER_MAX_M (64): `_tucker_select_kernel`.
 - One program per (token, head) holds the whole [M_PAD, M_PAD] grid in registers (M_PAD =
   next_pow2(m)), built from the [m, r] candidate rows/columns and the [r, r] summed core.
 - Selection is a radix select, not m rounds of argmax: the scores are mapped to order-preserving
@@ -60,8 +60,15 @@ if HAVE_TRITON:
 
 __all__ = ["tucker_topm_fused", "phase2_select", "MAX_M", "REGISTER_MAX_M"]
 
-REGISTER_MAX_M = 128  # a [128, 128] fp32 tile + its keys is the most one program keeps in registers
+# The largest m whose [M_PAD, M_PAD] grid + keys one program keeps in registers without spilling:
+# compiled for sm_90 with the JIT's attributes, M_PAD = 128 spills at 8 and at 16 warps (32-40
+# STL/LDL in bf16/fp32, 278 in fp64: compile_sm90.py); M_PAD <= 64 does not. Larger m take the
+# tiled kernel (the same selection; tests/kernels/test_topm.py checks both paths agree).
+REGISTER_MAX_M = 64
 MAX_M = 1024  # tiled kernel: flat cells < 2^20, the scratch's [2048] keys fit one program
+# Tiled kernel: 4 warps (sm_90, m = 768 bf16: 136 registers, no spills; at 8 warps ptxas holds
+# 128 registers and spills 6-13 STL/LDL: compile_sm90.py).
+TILED_WARPS = 4
 SCRATCH_BYTES = 256 << 20  # per launch; larger T*H run as several launches over one scratch
 _NAMESPACE = "megatron_ultramem"
 
@@ -429,7 +436,7 @@ def phase2_select(
             _tucker_select_tiled_kernel[(hi - lo,)](
                 srf[lo:hi], scf[lo:hi], csum, idx[lo:hi], val[lo:hi], scr_val, scr_idx,
                 status[lo:hi], H, m, cap, max(1, (m * m - 1).bit_length()), R=r,
-                MARGIN=4.0 * (r + 1) * eps, num_warps=8, **cfg, **_key_args(fp64),
+                MARGIN=4.0 * (r + 1) * eps, num_warps=TILED_WARPS, **cfg, **_key_args(fp64),
             )  # fmt: skip
         # Winners come in scratch order: sort by cell, then stably by descending score. [T*H, m]
         idx, order = torch.sort(idx, dim=-1)

@@ -102,16 +102,25 @@ SPLIT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("split", [None, 2, 7], ids=lambda s: f"split{s}")
+# Every split for a 4-byte and a 2-byte table; fp16 (the bf16 kernel with another element type)
+# and fp64 (8-byte rows, fp64 accumulation) at the table's split only: the split count changes
+# the chunking, not the per-dtype code.
+SPLIT_PARAMS = [
+    pytest.param(d, s, id=f"{d}-split{s}")
+    for d, s in [(d, s) for d in (torch.float32, torch.bfloat16) for s in (None, 2, 7)]
+    + [(torch.float16, None), (torch.float64, None)]
+]
+
+
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=_ids)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,split", SPLIT_PARAMS)
 def test_forward_split_matches_reference(case, dtype, split):
     """Selection-split forward (partial fp32 tiles + ordered reduce): same rule as the forward
     test. split=None is the launch table's choice, which must split at these decode sizes."""
     T, M, N, Dv, h, E = case
     rows, blocks, scores, values = make_inputs(case, dtype, seed=7)
     if split is None:
-        cfg = G.forward_config(T, M, Dv, E, values.element_size(), G.num_sms(values.device))
+        cfg = G.forward_config(T, M, Dv, E, values.element_size(), G.num_sms(values.device), h)
         assert cfg.split > 1, cfg
     out = G.gather_pool_forward(rows, blocks, scores, values, E, split=split)
     assert out.shape == (T, E, Dv) and out.dtype == dtype
@@ -129,7 +138,7 @@ def test_split_forward_under_autograd():
     case = SPLIT_CASES[0]
     T, M, N, Dv, h, E = case
     rows, blocks, scores, values = make_inputs(case, torch.float32, seed=8)
-    assert G.forward_config(T, M, Dv, E, 4, G.num_sms(values.device)).split > 1
+    assert G.forward_config(T, M, Dv, E, 4, G.num_sms(values.device), h).split > 1
     grad_out = randn(T, E, Dv, seed=103)
     gs, gv = grads_of(gather_pool, rows, blocks, scores, values, E, grad_out)
     gs64, gv64 = grads_of(
@@ -140,30 +149,35 @@ def test_split_forward_under_autograd():
 
 
 def test_forward_config_table():
-    """The launch table's invariants (pure arithmetic, no kernel): register tile <= 4096 fp32,
-    rows read in >= 128-byte segments when narrowed, splits only while programs < TARGET, chunks
-    of >= 2*UNROLL selections, workspace < 2 * TARGET * E_PAD * BLOCK_D * 4 bytes, and training
-    sizes keep the single-pass kernel at its widest block."""
+    """The launch table's invariants (pure arithmetic, no kernel): a warp reads 16-byte row
+    vectors (BLOCK_D x TOKENS = 32 x 16 / elt columns, BLOCK_D within the core), the one-hot tile
+    within ONEHOT_MAX_ACC accumulators per thread and larger E on the sorted path, splits only
+    while the programs fall short of TARGET, in chunks of >= 2 * UNROLL and at most sqrt(M)
+    splits, and training sizes single-pass."""
     sms = 132
     target = G.PROGRAMS_PER_SM * sms
     for T in (1, 2, 3, 7, 16, 33, 64, 100, 257, 1000, 4096, 8192):
         for M in (1, 7, 160, 1536):
-            for Dv in (16, 48, 300, 1024):
+            for Dv, h in ((16, 1), (48, 2), (300, 2), (1024, 2), (128, 1)):
                 for E in (1, 4, 9, 16):
                     for elt in (2, 4, 8):
-                        c = G.forward_config(T, M, Dv, E, elt, sms)
-                        e_pad = G._next_pow2(E)
-                        widest = G._block_d(Dv, max(16, min(256, 4096 // e_pad)))
-                        assert e_pad * c.block_d <= 4096 and 16 <= c.block_d <= widest
-                        assert c.block_d == widest or c.block_d * elt >= 128
-                        programs = T * -(-Dv // c.block_d)
-                        assert c.block_d == widest or programs < 2 * target
+                        c = G.forward_config(T, M, Dv, E, elt, sms, h)
+                        vec, DH = 16 // elt, Dv // h
+                        onehot_fits = G._next_pow2(E) * vec <= G.ONEHOT_MAX_ACC
+                        assert c.path == ("onehot" if onehot_fits else "sorted"), (c, E, elt)
+                        assert c.block_d == max(16, min(G._next_pow2(DH), 32 * vec))
+                        if c.path == "sorted":
+                            assert c.split == 1 and 2 * c.unroll <= c.seg <= G.SEG_MAX
+                            continue
+                        assert c.tokens == max(1, 32 * vec // c.block_d)
+                        programs = -(-T // c.tokens) * h * -(-DH // c.block_d)
                         if c.split > 1:
-                            assert programs < target and M // c.split >= 2 * c.unroll
-                            ws = c.split * T * E * Dv * 4
-                            assert ws < 2 * target * e_pad * c.block_d * 4 * 2  # Dv tail slack
-    big = G.forward_config(8192, 160, 1024, 4, 2, sms)
-    assert big.split == 1 and big.block_d == 256
+                            assert programs < target
+                            assert M // c.split >= 2 * c.unroll and c.split <= M**0.5
+    big = G.forward_config(8192, 160, 1024, 4, 2, sms, 2)
+    assert big == G.ForwardLaunch("onehot", 256, 1, 4, 1, 0, 1, 1)
+    assert G.forward_config(8192, 160, 1024, 16, 2, sms, 2).path == "sorted"  # bf16, E = 16
+    assert G.forward_config(8192, 160, 128, 4, 2, sms, 1).tokens == 2  # narrow core (TP = 8)
 
 
 def grads_of(fn, rows, blocks, scores, values, E, grad_out):
@@ -172,10 +186,21 @@ def grads_of(fn, rows, blocks, scores, values, E, grad_out):
     return s.grad, v.grad
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
+# fp32/fp64 tables: the atomic kernel by default, the segmented sum when deterministic; bf16/fp16
+# tables take the segmented sum either way (a 2-byte destination never takes atomics), so
+# `deterministic` would launch the same kernels twice there: those run once.
+BWD_PARAMS = [
+    pytest.param(d, det, id=f"{d}-{'deterministic' if det else 'default'}")
+    for d, det in [(d, det) for d in (torch.float32, torch.float64) for det in (False, True)]
+    + [(torch.bfloat16, True), (torch.float16, True)]
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,deterministic", BWD_PARAMS)
 def test_backward_matches_reference(case, dtype, deterministic):
+    """fp32/fp64 tables: the atomic kernel by default, the segmented sum when deterministic;
+    bf16/fp16 tables: the segmented sum (into a zeroed gradient)."""
     T, M, N, Dv, h, E = case
     rows, blocks, scores, values = make_inputs(case, dtype, seed=1)
     grad_out = randn(T, E, Dv, seed=100)
@@ -235,6 +260,132 @@ def test_deterministic_is_bitwise_reproducible(dtype):
     assert err(gv1, gv64) <= 2 * err(gv_t, gv64) + ATOL[dtype]
 
 
+# ----------------------------------------------------------------------------- segmented sum
+def hot_inputs(dtype, seed=30):
+    """11,000 selections (T = 100 tokens x M = 110) of which 10,000 choose row 3 (one hot row,
+    spread over 20 blocks of 512 sorted entries), the rest rows 0..14; rows 15..29 are never
+    chosen. Dv = 2 (one core, one column chunk): the interpreter's generic scan (the segmented
+    sum's `tl.associative_scan`) calls its combine function in Python once per tile element, so
+    the cost is entries x BLOCK_D."""
+    T, M, N, Dv, h, E = 100, 110, 30, 2, 1, 3
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, 15, (T * M,), generator=g)
+    rows[torch.randperm(T * M, generator=g)[:10_000]] = 3
+    rows = rows.view(T, M)
+    blocks = torch.randint(0, E, (T, M), generator=g)
+    scores = torch.randn(T, M, h, generator=g, dtype=torch.float64)
+    values = torch.randn(N, Dv, generator=g, dtype=torch.float64)
+    grad = torch.randn(T, E, Dv, generator=g, dtype=torch.float64)
+    cast = lambda x, d: x.to(DEVICE, d)  # noqa: E731
+    return (T, M, N, Dv, h, E), cast(rows, torch.int64), cast(blocks, torch.int64), \
+        cast(scores, dtype), cast(values, dtype), cast(grad, torch.float64)
+
+
+# dest -> (table dtype, main_grad dtype, deterministic, rounding of one store relative to |x|)
+HOT_DESTS = {
+    # Megatron's default grad_reduce_in_fp32=False: bf16 table into a bf16 main_grad (always the
+    # segmented sum for a bf16 destination)
+    "bf16 main_grad": (torch.bfloat16, torch.bfloat16, False, 2.0**-8),
+    # fp32 table into an fp32 main_grad in deterministic mode (without it: the atomic kernel)
+    "fp32 main_grad deterministic": (torch.float32, torch.float32, True, 2.0**-24),
+}
+
+
+@pytest.mark.parametrize("dest", list(HOT_DESTS))
+def test_segmented_backward_hot_row_and_empty_rows(dest):
+    """The segmented-sum backward with a row chosen 10,000 times (summed over 20 blocks of 512
+    sorted entries, then combined by the fix-up) and rows never chosen, into a main_grad: the
+    touched rows equal old + the float64 gradient to fp32-summation accuracy plus one rounding
+    to the main_grad dtype (a per-entry bf16 accumulation would be off by ~10 there), the
+    untouched rows keep their bits. grad_scores too, against float64.
+
+    Interpreter cost: BLOCK_D = Dv = 2 and UNROLL = 64 (fewer, wider interpreted steps; the
+    table's UNROLL = 4 and BLOCK_D are exercised by the smaller tests around this one),
+    BLOCK_K = 2048 for the grad_scores kernel."""
+    table, main_dtype, deterministic, unit = HOT_DESTS[dest]
+    (T, M, N, Dv, h, E), rows, blocks, scores, values, grad = hot_inputs(table)
+    assert int((rows == 3).sum()) >= 10_000
+    g = grad.to(table)
+    # float64 gradients of the same (table-dtype-exact) inputs
+    s_exact, v_exact = grads_of(R.weighted_gather_pool, rows, blocks, scores.double(),
+                                values.double(), E, g.double())  # fmt: skip
+    start = randn(N, Dv, seed=31).to(main_dtype)
+    main = start.clone()
+    gs, out = G.gather_pool_backward(g, rows, blocks, scores, values, values_grad_out=main,
+                                     deterministic=deterministic, seg=512, block_d=2, unroll=64,
+                                     block_k=2048)  # fmt: skip
+    assert out is main
+    want = start.double() + v_exact
+    # fp32 sums of <= 10,000 products of magnitude < ~20 (bf16 inputs are exact in fp32):
+    # error ~ sqrt(n) * 2^-24 * partial sums ~ 1e-3 at this size; 5e-3 leaves room; then one
+    # round-to-nearest into the main_grad dtype (unit roundoff `unit` of |want|).
+    assert ((main.double() - want).abs() <= 5e-3 + unit * want.abs()).all(), err(main, want)
+    assert torch.equal(main[15:], start[15:])  # rows never chosen: untouched
+    assert not torch.equal(main[3], start[3])  # the hot row did get its sum
+    # grad_scores: 2-term fp32 dots, rounded once to the score dtype (bf16: 2^-8 relative;
+    # 2^-7 for margin; fp32: far inside it)
+    assert err(gs, s_exact) <= 2.0**-7 * s_exact.abs().max().item()
+
+
+# seg 8 and 16 cut the same runs at different places (both cut them many times): one each,
+# paired with the two accumulation dtypes.
+@pytest.mark.parametrize("dtype,seg", [(torch.float32, 8), (torch.float64, 16)],
+                         ids=["fp32-seg8", "fp64-seg16"])  # fmt: skip
+def test_segmented_backward_block_boundaries(dtype, seg):
+    """Runs of equal rows cut by many block boundaries (seg = 8 or 16 sorted entries per
+    program; runs of up to ~40 entries span up to 6 blocks), deterministic path into a zeroed
+    gradient and into an fp32/fp64 main_grad: equal to float64 to accumulation rounding.
+    block_d = 8 > DH = 5: a partial column chunk (the table's 16 would only double the
+    interpreter's per-column scan calls)."""
+    case = (9, 13, 6, 10, 2, 3)  # 117 selections over 6 rows
+    T, M, N, Dv, h, E = case
+    rows, blocks, scores, values = make_inputs(case, dtype, seed=32)
+    grad_out = randn(T, E, Dv, seed=33)
+    _, gv64 = grads_of(R.weighted_gather_pool, rows, blocks, scores.double(), values.double(), E,
+                       grad_out)  # fmt: skip
+    _, gv = G.gather_pool_backward(grad_out.to(dtype), rows, blocks, scores, values,
+                                   need_scores=False, deterministic=True, seg=seg, block_d=8)  # fmt: skip
+    # sums of <= ~40 products of N(0,1) numbers: a few ulps of ~50 in fp32 (fp64: ~1e-13)
+    tol = {torch.float32: 3e-5, torch.float64: 1e-12}[dtype]
+    assert err(gv, gv64) <= tol
+    main = randn(N, Dv, seed=34).to(dtype)
+    start = main.clone()
+    G.gather_pool_backward(grad_out.to(dtype), rows, blocks, scores, values, need_scores=False,
+                           deterministic=True, values_grad_out=main, seg=seg, block_d=8)  # fmt: skip
+    assert torch.equal(main, start + gv)  # the same fp sums, added to the old value once
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("seg", [None, 8])
+def test_sorted_forward_matches_reference(dtype, seg):
+    """The segmented-sum forward (large E): an odd shape where the table picks it for bf16, and
+    forced for fp32; blocks with no selection are zero."""
+    case = (5, 13, 7, 24, 2, 9)
+    T, M, N, Dv, h, E = case
+    rows, blocks, scores, values = make_inputs(case, dtype, seed=35)
+    blocks[:, :] = blocks % 7  # blocks 7 and 8 never chosen: their outputs must be 0
+    if dtype == torch.bfloat16:
+        assert G.forward_config(T, M, Dv, E, 2, G.num_sms(values.device), h).path == "sorted"
+    out = G.gather_pool_forward(rows, blocks, scores, values, E, path="sorted", seg=seg)
+    ref64 = R.weighted_gather_pool(rows, blocks, scores.double(), values.double(), E)
+    ref = R.weighted_gather_pool(rows, blocks, scores, values, E)
+    assert err(out, ref64) <= 2 * err(ref, ref64) + ATOL[dtype]
+    assert (out[:, 7:] == 0).all()
+
+
+def test_narrow_core_forward_takes_several_tokens():
+    """A core narrower than a warp's 16-byte row (bf16 Dv / h = 16 < 256): TOKENS tokens per
+    program, T not a multiple of it; same results as the reference."""
+    case = (7, 9, 11, 32, 2, 4)
+    T, M, N, Dv, h, E = case
+    assert G.forward_config(T, M, Dv, E, 2, 132, h).tokens == 16
+    rows, blocks, scores, values = make_inputs(case, torch.bfloat16, seed=36)
+    out = G.gather_pool_forward(rows, blocks, scores, values, E, split=1)
+    ref64 = R.weighted_gather_pool(rows, blocks, scores.double(), values.double(), E)
+    ref = R.weighted_gather_pool(rows, blocks, scores, values, E)
+    assert err(out, ref64) <= 2 * err(ref, ref64) + ATOL[torch.bfloat16]
+
+
 def test_poison_switch_is_on():
     """The NaN pre-fill that the tests above rely on to catch unwritten elements is active."""
     assert torch.isnan(G.empty_output(3, dtype=torch.float32, device=DEVICE)).all()
@@ -268,9 +419,17 @@ def table_param(values, main_dtype, seed, ddp_flag):
     return param
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "sorted"])
-@pytest.mark.parametrize("ddp_flag", [False, True], ids=["plain", "ddp-flag"])
-@pytest.mark.parametrize("main_dtype", list(MAIN_DTYPES), ids=str)
+# fp32 main_grad: atomic and sorted, each plain and with Megatron's flag. bf16/fp16 main_grads
+# always take the sorted path (`deterministic` changes nothing there): sorted only; the flag
+# handling is dtype-independent (the autograd Function), checked on bf16 as well.
+MAIN_PARAMS = [
+    pytest.param(dt, f, d, id=f"{dt}-{'ddp-flag' if f else 'plain'}-{'sorted' if d else 'atomic'}")
+    for dt, f, d in [(torch.float32, f, d) for f in (False, True) for d in (False, True)]
+    + [(torch.bfloat16, False, True), (torch.bfloat16, True, True), (torch.float16, False, True)]
+]
+
+
+@pytest.mark.parametrize("main_dtype,ddp_flag,deterministic", MAIN_PARAMS)
 def test_main_grad_two_micro_batches(main_dtype, ddp_flag, deterministic):
     """The table gradient goes into values.main_grad (no flag needed), twice in a row.
 
