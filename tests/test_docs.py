@@ -41,7 +41,7 @@ COMMANDS = [
     (r"python -m megatron_ultramem\.(sizing|megatron_lm\.convert) [^<]*", RUN, "standard library, instant"),
     (r"python -m megatron_ultramem\.megatron_lm\.convert .*<MoE model args>", HELP, "a placeholder"),
     (r"python -m megatron_ultramem\.experiments readme", RUN, "rebuilds the README: must leave it unchanged"),
-    (r"python -m megatron_ultramem\.experiments (mainjob|quality|ablations|scaling|decode)\b.*", HELP,
+    (r"python -m megatron_ultramem\.experiments (mainjob|quality|ablations|scaling|decode|capacity(-\w+)?)\b.*", HELP,
      "minutes to an hour of CPU each"),
     (r"python benchmarks/bench_decode\.py", HELP, "minutes of CPU"),
     (r"python -m megatron_ultramem --data-backend dali .*", HELP, "a full main-job run"),

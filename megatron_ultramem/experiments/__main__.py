@@ -3,13 +3,21 @@
     python -m megatron_ultramem.experiments quality   [--quick] [--seeds 3] [--out DIR] [--wait-load 1.5]
     python -m megatron_ultramem.experiments ablations [--quick] [--seeds 2] [--out DIR] [--wait-load 1.5]
     python -m megatron_ultramem.experiments scaling   [--quick] [--seeds 2] [--num-keys 20,40,79,112]
+    python -m megatron_ultramem.experiments capacity  [--quick] [--seeds 2] [--headline-seeds 3] [--facts ...]
+    python -m megatron_ultramem.experiments capacity-scaling [--quick] [--seeds 2] [--num-keys ...]
+    python -m megatron_ultramem.experiments capacity-diagnosis [--quick] [--seeds 2] (tuning split)
+    python -m megatron_ultramem.experiments capacity-levers [--quick] (tuning split)
     python -m megatron_ultramem.experiments decode    [--quick] [--out DIR]
     python -m megatron_ultramem.experiments configs   [--quick] [--build]
     python -m megatron_ultramem.experiments mainjob   [--compare]
     python -m megatron_ultramem.experiments readme    [--check]
 
 `quality` trains dense, MoE, PKM and UltraMem at matched total and activated parameters and FLOPs
-(configs.py) on the fact corpus (corpus.py) and writes evidence_quality_cpu.md + .png;
+(configs.py) on the fact corpus (corpus.py) and writes evidence_quality_cpu.md + .png (its facts
+are not learned by any model in its budget: it measures text modelling without a knowledge
+bottleneck); `capacity` trains the same four at a smaller size on random facts whose number is swept
+(capacity.py: recall and loss on the facts, evidence_capacity_cpu.md + .png) and
+`capacity-scaling` UltraMem at several table sizes there (evidence_capacity_scaling_cpu.md);
 `ablations` trains UltraMem without IVE, TDQKR, MCS, the value-LR decay and with the previous init
 (evidence_ablations_cpu.md); `scaling` trains UltraMem at several value-table sizes N at the MoE's
 activated parameters (evidence_scaling_cpu.md + .png). The three share one run cache (--work):
@@ -22,6 +30,7 @@ the README's results table from the results files' JSON (`--check`: fail if it i
 """
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
@@ -55,6 +64,13 @@ def _training_flags(q: argparse.ArgumentParser, seeds_help: str) -> None:
                    help="before each run, wait until the 1-minute load average is below L")
 
 
+def _capacity_flags(q: argparse.ArgumentParser, corpus_seed: int = 0) -> None:
+    q.add_argument("--facts", default=None, help="comma-separated fact counts")
+    q.add_argument("--corpus-seed", type=int, default=corpus_seed,
+                   help="the facts (0: the verdict's; another seed: a tuning split for choices)")
+    q.add_argument("--name", default=None, help="results file name without extension")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m megatron_ultramem.experiments", allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -66,6 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     _training_flags(s, "seeds per size (default 2)")
     s.add_argument("--num-keys", type=_num_keys, default=None,
                    help="comma-separated n (keys per side, N = n^2); default 20,40,79,112")
+    k = sub.add_parser("capacity", help="knowledge capacity: recall of random facts against their number")
+    _training_flags(k, "seeds per point (default 2)")
+    _capacity_flags(k)
+    k.add_argument("--headline-seeds", type=int, default=None,
+                   help="seeds at the headline fact count (default 3; --quick: --seeds)")
+    k.add_argument("--headline-facts", type=int, default=None, help="the headline fact count")
+    k.add_argument("--variants", default=None, help="comma-separated (default ultramem,moe,pkm,dense)")
+    ks = sub.add_parser("capacity-scaling", help="UltraMem recall against table size, fixed activated params")
+    _training_flags(ks, "seeds per size (default 2)")
+    _capacity_flags(ks)
+    ks.add_argument("--num-keys", default=None,
+                    help="comma-separated n (keys per side, N = n^2); default 14,20,28,40,56")
+    kd = sub.add_parser("capacity-diagnosis", help="UltraMem with one change at a time (tuning split)")
+    _training_flags(kd, "seeds per variant (default 2)")
+    _capacity_flags(kd, corpus_seed=1)
+    kd.add_argument("--exposures-mult", type=int, default=2,
+                    help="also train UltraMem, MoE and dense on this many times the tokens (1: skip)")
+    kl = sub.add_parser("capacity-levers", help="which settings let a dense model learn facts (tuning split)")
+    _training_flags(kl, "seeds per lever (default 1)")
+    _capacity_flags(kl, corpus_seed=1)
     d = sub.add_parser("decode", help="one decode step of the MLP slot: latency, bytes read")
     d.add_argument("--quick", action="store_true", help="CI smoke size")
     d.add_argument("--out", default="benchmarks/results")
@@ -107,33 +143,26 @@ def validate(args) -> None:
         train.parse_args(flags)  # the main job's own check of its flags (exit status 2)
 
 
+HANDLERS = {  # command -> (module of this package, its function taking the parsed args)
+    "quality": ("quality", "main"),
+    "ablations": ("ablations", "main"),
+    "scaling": ("scaling", "main"),
+    "capacity": ("capacity", "main"),
+    "capacity-scaling": ("capacity", "scaling_main"),
+    "capacity-diagnosis": ("capacity", "diagnosis_main"),
+    "capacity-levers": ("capacity", "levers_main"),
+    "mainjob": ("mainjob", "main"),
+    "readme": ("readme", "main"),
+    "decode": ("decode", "main"),
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
-    if args.command == "quality":
-        from . import quality
-
-        return quality.main(args)
-    if args.command == "ablations":
-        from . import ablations
-
-        return ablations.main(args)
-    if args.command == "scaling":
-        from . import scaling
-
-        return scaling.main(args)
-    if args.command == "mainjob":
-        from . import mainjob
-
-        return mainjob.main(args)
-    if args.command == "readme":
-        from . import readme
-
-        return readme.main(args)
-    if args.command == "decode":
-        from . import decode
-
-        return decode.main(args)
+    if args.command in HANDLERS:  # imported on use: each command pulls in only what it needs
+        module, function = HANDLERS[args.command]
+        return getattr(importlib.import_module(f".{module}", __package__), function)(args)
     from . import configs
 
     return configs.main((["--quick"] if args.quick else []) + (["--build"] if args.build else []))

@@ -105,6 +105,8 @@ class Variant:
     score_activation: str = "none"
     value_lr_mult: Optional[float] = None  # rho0; None: the main job's default (train.DEFAULTS)
     init: str = "paper"  # "paper" (calibrated) | "paper_uncalibrated" (the previous init)
+    config_overrides: Tuple[Tuple[str, object], ...] = ()
+    """Further UltraMemConfig fields of a memory variant, e.g. (("ultramem_init", "reference"),)."""
 
 
 HEADLINE = ("ultramem", "moe")
@@ -344,8 +346,9 @@ def _ultramem_config(size: ModelSize, variant: Variant, seed: int):
     if variant.value_lr_mult is not None:
         args.ultramem_value_lr_mult = variant.value_lr_mult
     return train.make_config(
-        args, add_bias_linear=False, ultramem_score_activation=variant.score_activation
-    )
+        args, add_bias_linear=False, ultramem_score_activation=variant.score_activation,
+        **dict(variant.config_overrides),
+    )  # fmt: skip
 
 
 def build_config(variant: Variant, size: ModelSize, seed: int = 1234):
@@ -452,7 +455,8 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / b
 
 
-def check_matched(counts: Dict[str, Dict[str, int]]) -> List[str]:
+def check_matched(counts: Dict[str, Dict[str, int]], total_tol: float = TOTAL_TOL,
+                  flops_tol: float = FLOPS_TOL) -> List[str]:  # fmt: skip
     """Assert the matching (module doc) on {variant: counts}; return the table as lines."""
     ref = counts["moe"]
     lines = [
@@ -467,11 +471,11 @@ def check_matched(counts: Dict[str, Dict[str, int]]) -> List[str]:
         )
     for name, c in counts.items():
         assert _rel(c["active"], ref["active"]) <= ACTIVE_TOL, (name, c, ref)
-        assert _rel(c["flops"], ref["flops"]) <= FLOPS_TOL, (name, c, ref)
+        assert _rel(c["flops"], ref["flops"]) <= flops_tol, (name, c, ref)
         if name == "dense":
             assert c["total"] < ref["total"], (name, c, ref)
         else:
-            assert _rel(c["total"], ref["total"]) <= TOTAL_TOL, (name, c, ref)
+            assert _rel(c["total"], ref["total"]) <= total_tol, (name, c, ref)
     return lines
 
 

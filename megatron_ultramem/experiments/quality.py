@@ -117,9 +117,21 @@ def optimizer_config_view(config) -> SimpleNamespace:
     )
 
 
-def run_one(variant: configs.Variant, settings: Settings, seed: int, fc: corpus.FactCorpus,
-            prefixes: Dict[str, str], log=print) -> Dict:  # fmt: skip
-    """Train one configuration with one seed through the main job's step; returns its metrics."""
+def quality_metrics(model, fc: corpus.FactCorpus, settings: Settings) -> Dict:
+    """The fact corpus' end-of-run metrics: loss on values vs the rest, fact recall."""
+    return {
+        "value_split": corpus.value_loss(model, fc, settings.size.seq_length, settings.value_windows),
+        # the first recall_facts of each list (shuffled once by _shuffle_for_recall)
+        "recall_heldout_question": corpus.fact_recall(model, fc.probe_facts[: settings.recall_facts]),
+        "recall_seen_question": corpus.fact_recall(model, fc.seen_facts[: settings.recall_facts]),
+        "recall_trained_forms": corpus.fact_recall(model, fc.facts, corpus.RECALL_TEMPLATES[1:]),
+    }
+
+
+def run_one(variant: configs.Variant, settings: Settings, seed: int, fc, prefixes: Dict[str, str],
+            log=print, measure: Callable = quality_metrics) -> Dict:  # fmt: skip
+    """Train one configuration with one seed through the main job's step; returns its metrics
+    (`measure(model, fc, settings)` after the last step: a dict merged into the result)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -191,11 +203,7 @@ def run_one(variant: configs.Variant, settings: Settings, seed: int, fc: corpus.
             log(f"  {variant.name} seed {seed} step {step}/{s.train_iters} loss {value:.3f} "
                 f"val {eval_loss[-1]:.4f} ({step * mbs * seq / train_seconds:,.0f} tok/s)", flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    split = corpus.value_loss(model, fc, seq, s.value_windows)
-    # the first recall_facts of each list (shuffled once by _shuffle_for_recall)
-    recall_probe = corpus.fact_recall(model, fc.probe_facts[: s.recall_facts])
-    recall_seen = corpus.fact_recall(model, fc.seen_facts[: s.recall_facts])
-    recall_forms = corpus.fact_recall(model, fc.facts, corpus.RECALL_TEMPLATES[1:])
+    metrics = measure(model, fc, s)
     metric_seconds = time.perf_counter() - t0
     return {
         "variant": variant.name,
@@ -206,10 +214,7 @@ def run_one(variant: configs.Variant, settings: Settings, seed: int, fc: corpus.
         "eval_steps": eval_steps,
         "eval_loss": eval_loss,
         "final_valid_loss": eval_loss[-1],
-        "value_split": split,
-        "recall_heldout_question": recall_probe,
-        "recall_seen_question": recall_seen,
-        "recall_trained_forms": recall_forms,
+        **metrics,
         "skipped_steps": skipped,
         "train_seconds": train_seconds,
         "step_seconds": step_seconds,
@@ -225,6 +230,13 @@ def _shuffle_for_recall(fc: corpus.FactCorpus, seed: int) -> None:
     rng = random.Random(seed + 404)
     rng.shuffle(fc.probe_facts)
     rng.shuffle(fc.seen_facts)
+
+
+def quality_corpus(spec: CorpusSpec) -> corpus.FactCorpus:
+    """The fact corpus of `spec`, its fact lists shuffled for `quality_metrics`."""
+    fc = corpus.make_corpus(spec)
+    _shuffle_for_recall(fc, spec.seed)
+    return fc
 
 
 # ---------------------------------------------------------------------- running and caching
@@ -250,13 +262,14 @@ class Runner:
     command: str = ""
     log: Callable = print
     results: List[Dict] = field(default_factory=list)
+    make_corpus: Callable = quality_corpus  # settings.corpus -> corpus (.write_indexed, .spec)
+    measure: Callable = quality_metrics  # run_one's end-of-run metrics
 
     def __post_init__(self):
         s = self.settings
         self.run_dir = os.path.join(self.work, f"runs_{s.key()}")
         os.makedirs(self.run_dir, exist_ok=True)
-        self.fc = corpus.make_corpus(s.corpus)
-        _shuffle_for_recall(self.fc, s.corpus.seed)
+        self.fc = self.make_corpus(s.corpus)
         self.prefixes = self.fc.write_indexed(os.path.join(self.work, f"corpus_{s.key()}"))
         self.trained = 0
         self.waited = 0.0
@@ -289,7 +302,7 @@ class Runner:
         self.log(f"{variant.name} seed {seed}: training (waited {waited:.0f}s for load; {load_before})",
                  flush=True)  # fmt: skip
         t0 = time.perf_counter()
-        r = run_one(variant, self.settings, seed, self.fc, self.prefixes, self.log)
+        r = run_one(variant, self.settings, seed, self.fc, self.prefixes, self.log, self.measure)
         r.update(wall_seconds=time.perf_counter() - t0, waited_seconds=waited, started_at=started,
                  finished_at=report.now(), load_before=load_before, load_after=report.uptime(),
                  command=self.command, versions=report.versions())  # fmt: skip
@@ -443,7 +456,8 @@ def run_header(title: str, command: str, load_before: str, load_after: str, runn
         + f"; {len(loaded)} runs loaded from earlier commands' run files, see the "
         "per-run table for when and under what load each was trained). Training wall time of all "
         f"{len(runner.results)} runs in this file: {train_minutes(runner.results):.1f} min. "
-        f"Run files: `{runner.run_dir}/` (settings key `{runner.settings.key()}`).",
+        f"Run files: `W/{os.path.basename(runner.run_dir)}/` under the run cache `--work W` "
+        f"(settings key `{runner.settings.key()}`).",
         "",
     ]
     return lines
@@ -477,13 +491,14 @@ def settings_from_args(args) -> Settings:
     return settings
 
 
-def make_runner(args, settings: Settings) -> Runner:
+def make_runner(args, settings: Settings, **hooks) -> Runner:
+    """A Runner for `settings` from the command's flags; `hooks`: Runner's make_corpus/measure."""
     _quiet()
     if args.threads:
         torch.set_num_threads(args.threads)
     work = args.work or os.path.join(tempfile.gettempdir(), "megatron_ultramem_experiments")
     return Runner(settings, work, fresh=args.fresh, wait_load=args.wait_load,
-                  command=report.command_line())  # fmt: skip
+                  command=report.command_line(), **hooks)  # fmt: skip
 
 
 def plot_curves(results: Sequence[Dict], settings: Settings, path: str, order: Sequence[str]) -> None:

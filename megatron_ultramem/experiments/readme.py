@@ -18,8 +18,11 @@ the two markers. The commands run in-process (standard library only, determinist
 
 import json
 import os
+import re
 import sys
 from typing import Dict, List, Optional
+
+from .report import PLACEHOLDERS
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 OUT_BEGIN, OUT_END = "<!-- output:begin -->", "<!-- output:end -->"
@@ -42,8 +45,28 @@ def _ms(d: Dict, digits: int = 4) -> str:
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
+def _command(command: str) -> str:
+    """A recorded command with each folder-valued flag as its placeholder (files written before
+    report.command_line did so name a folder of the machine that ran them)."""
+    for flag, placeholder in PLACEHOLDERS.items():
+        command = re.sub(rf"{flag}(=|\s+)\S+", rf"{flag}\g<1>{placeholder}", command)
+    return command
+
+
 def _source(blob: Dict) -> str:
-    return f"`{blob['command']}` (`{blob['file']}`, {blob['date'][:10]})"
+    return f"`{_command(blob['command'])}` (`{blob['file']}`, {blob['date'][:10]})"
+
+
+def _word(verdict: str) -> str:
+    return {"win": "**win**", "loss": "**loss**", "tie": "tie", "one seed": "one seed, no verdict"}[verdict]
+
+
+def _welch_word(diff: float, t: float, lower_is_better: bool) -> str:
+    """win / tie / loss for a mean difference with its Welch t (files that kept no per-seed
+    values): beyond the seed spread when |t| > 2."""
+    if abs(t) <= 2:
+        return "tie"
+    return "win" if (diff < 0) == lower_is_better else "loss"
 
 
 def main_job_row(r: Dict) -> List[str]:
@@ -80,12 +103,15 @@ def quality_row(r: Dict) -> List[str]:
     text = f"validation loss, {r['size']}, {r['tokens_per_run']:,} tokens per run: " + ", ".join(parts)
     h = r.get("ultramem_minus_moe")
     if h:
-        where = "at or below" if h["diff"] <= 0 else "**above**"
-        text += (f". UltraMem's mean is {where} MoE's: {h['diff']:+.4f} = "
-                 f"{h['diff_in_pooled_std']:+.1f} pooled std (Welch t {h['welch_t']:+.1f})")  # fmt: skip
-        if abs(h["diff_in_pooled_std"]) < 1:
-            text += ": a tie within the seed-to-seed noise, not a win"
-    return ["quality at CPU scale (matched total + activated params)", text]
+        word = _welch_word(h["diff"], h["welch_t"], lower_is_better=True)
+        text += (f". UltraMem - MoE {h['diff']:+.4f} = {h['diff_in_pooled_std']:+.1f} pooled std "
+                 f"(Welch t {h['welch_t']:+.1f}): {_word(word)} for UltraMem")  # fmt: skip
+    if "recall_trained_forms" in next(iter(v.values())):
+        rec = ", ".join(f"{n} {100 * v[n]['recall_trained_forms']['mean']:.1f}%" for n in v)
+        text += (f". No model learns this corpus' facts (recall in trained forms {rec}; chance "
+                 "11.3%): this is text modelling, not knowledge")  # fmt: skip
+    return ["general-text sweep: text modelling without a knowledge bottleneck (matched total + "
+            "activated params)", text]  # fmt: skip
 
 
 def ablations_row(r: Dict) -> List[str]:
@@ -94,17 +120,142 @@ def ablations_row(r: Dict) -> List[str]:
         same = "same sign as the paper" if e["effect"] * e["paper"] > 0 else "opposite sign to the paper"
         noise = "" if abs(e["effect"]) >= 2 * e["stderr"] else ", within 2 std errors"
         parts.append(f"{e['feature']} {e['effect']:+.4f} ± {e['stderr']:.4f} ({same}{noise})")
-    return ["ablations: loss(UltraMem) - loss(without the feature)", "; ".join(parts)]
+    return ["ablations on the general-text sweep: loss(UltraMem) - loss(without the feature)",
+            "; ".join(parts)]  # fmt: skip
 
 
 def scaling_row(r: Dict) -> List[str]:
     pts = ", ".join(f"N={p['N']:,}: {p['valid_loss']['mean']:.4f}" for p in r["points"])
     return [
-        "memory-size scaling at fixed activated params",
+        "memory-size scaling on the general-text sweep (no knowledge bottleneck), fixed activated "
+        "params",
         f"validation loss {pts}; {r['slope_per_doubling']:+.4f} per doubling of N, falls at every "
         f"step: {'yes' if r['falling_at_every_step'] else 'no'} (the paper: the loss keeps falling "
-        "as N grows at fixed compute)",
+        "as N grows at fixed compute; recall is at chance at every N here, so this says nothing "
+        "about capacity: see the capacity rows)",
     ]
+
+
+def _pm(d: Dict, scale: float = 100, digits: int = 1, unit: str = "%") -> str:
+    """'mean ± std' of a capacity summary entry (just the mean for one seed)."""
+    if d["std"]:
+        return f"{scale * d['mean']:.{digits}f} ± {scale * d['std']:.{digits}f}{unit}"
+    return f"{scale * d['mean']:.{digits}f}{unit}"
+
+
+def capacity_learnable_row(r: Dict) -> List[str]:
+    pts = r["points"]
+    dense = [(F, pts[F]["dense"]) for F in map(str, r["facts"]) if "dense" in pts[F]]
+    first = dense[0][1]["recall_trained_forms"]["mean"]
+    curve = ", ".join(f"F={F} ({r['exposures'][F]:.0f} exposures): {_pm(p['recall_trained_forms'])}"
+                      for F, p in dense)  # fmt: skip
+    ok = first >= 0.5 and r["dense_recall_falls"]
+    return [
+        f"knowledge capacity ({r['size']}, {r['tokens_per_run']:,} tokens per run, random facts of "
+        f"{r['value_digits']} digits): can the experiment see capacity?",
+        f"dense recall in trained forms {curve}: learnable at the smallest count (>= 50%) and "
+        f"falling as F grows: {'yes' if ok else '**no**'}; capacity-bound (dense below "
+        f"80% of its first): F = {', '.join(map(str, r['capacity_bound'])) or 'none'}",
+    ]
+
+
+def capacity_row(r: Dict) -> List[str]:
+    pts, cmp = r["points"], r["comparisons"]
+    parts = []
+    for F in map(str, r["capacity_bound"]):
+        p, c = pts[F], cmp.get(F, {})
+        if "ultramem" not in p or "moe" not in c:
+            continue
+        others = ", ".join(f"{n} {_pm(p[n]['recall_trained_forms'])}" for n in ("moe", "pkm", "dense") if n in p)
+        words = "; ".join(f"vs {n}: {_word(c[n]['recall_trained_forms']['verdict'])}" for n in c)
+        parts.append(f"F={F} (n={p['ultramem']['seeds']}): UltraMem {_pm(p['ultramem']['recall_trained_forms'])}, "
+                     f"{others} ({words})")  # fmt: skip
+    return ["knowledge capacity: recall in trained forms at matched compute and params, at each "
+            "capacity-bound fact count (win/loss: all seeds beyond the other's)", "; ".join(parts) or "no capacity-bound point"]
+
+
+def capacity_tuned_row(r: Dict) -> List[str]:
+    """`ultramem_tuned` (the tuning split's choices) against the others at each capacity-bound F."""
+    pts, cmp = r["points"], r.get("tuned_comparisons", {})
+    parts = []
+    for F in map(str, r["capacity_bound"]):
+        p, c = pts[F], cmp.get(F, {})
+        if "ultramem_tuned" not in p or "moe" not in c:
+            continue
+        key = "recall_trained_forms"
+        words = "; ".join(f"vs {n}: {_word(c[n][key]['verdict'])}"
+                          + (f", Welch t {c[n][key]['welch_t']:+.1f}" if "welch_t" in c[n][key] else "")
+                          for n in c)  # fmt: skip
+        parts.append(f"F={F} (n={p['ultramem_tuned']['seeds']}): tuned UltraMem {_pm(p['ultramem_tuned'][key])}, "
+                     f"MoE {_pm(p['moe'][key])}, paper-default UltraMem {_pm(p['ultramem'][key])} ({words})")  # fmt: skip
+    return ["knowledge capacity, UltraMem with the tuning split's choices (value-table LR x4 constant, "
+            "the reference init, m=12; chosen on corpus seed 1, verdict on seed 0): recall in trained "
+            "forms at each capacity-bound fact count", "; ".join(parts) or "not run"]
+
+
+def capacity_heldout_row(r: Dict) -> List[str]:
+    pts, cmp = r["points"], r["comparisons"]
+    parts = []
+    for F in map(str, r["capacity_bound"]):
+        p, c = pts[F], cmp.get(F, {})
+        if "ultramem" not in p or "moe" not in c:
+            continue
+        parts.append(
+            f"F={F}: recall on the held-out question form UltraMem "
+            f"{_pm(p['ultramem']['recall_heldout_question'])} vs MoE {_pm(p['moe']['recall_heldout_question'])} "
+            f"({_word(c['moe']['recall_heldout_question']['verdict'])}); loss on fact values "
+            f"{_pm(p['ultramem']['value_nats'], 1, 2, '')} vs {_pm(p['moe']['value_nats'], 1, 2, '')} nats "
+            f"({_word(c['moe']['value_nats']['verdict'])}); other bytes "
+            f"{_pm(p['ultramem']['other_nats_per_byte'], 1, 4, '')} vs {_pm(p['moe']['other_nats_per_byte'], 1, 4, '')}"
+        )  # fmt: skip
+    return ["knowledge capacity, UltraMem vs MoE: held-out question form, loss on values and on "
+            "the rest", "; ".join(parts) or "no capacity-bound point"]
+
+
+def capacity_scaling_row(r: Dict) -> List[str]:
+    pts = ", ".join(f"N={p['N']:,}: {_pm(p['recall_trained_forms'])} (rows used "
+                    f"{100 * p['row_used_fraction']['mean']:.0f}%, top 1% take "
+                    f"{100 * p['row_top1pct_share']['mean']:.0f}%)" for p in r["points"])  # fmt: skip
+    fit = r["fits"]["recall_trained_forms"]
+    vfit = r["fits"]["value_nats"]
+    rising = fit["t"] > 2
+    return [
+        f"recall against table size N, UltraMem at fixed activated params (F={r['facts']})",
+        f"recall in trained forms {pts}; slope {100 * fit['slope']:+.2f} ± {100 * fit['stderr']:.2f} "
+        f"pts per doubling of N (t {fit['t']:+.1f}): rising by > 2 std errors: "
+        f"{'yes' if rising else '**no**'}; value loss {vfit['slope']:+.3f} ± {vfit['stderr']:.3f} nats "
+        "per doubling",
+    ]
+
+
+def capacity_diagnosis_row(r: Dict) -> List[str]:
+    v = r["variants"]
+    base, moe = v["ultramem"]["recall_trained_forms"], v["moe"]["recall_trained_forms"]
+    changes = [n for n in v if n not in ("ultramem", "moe", "dense")]
+    seeds = min(v[n]["seeds"] for n in v)
+    def name(n): return f"`{n}` {_pm(v[n]['recall_trained_forms'])}"
+    def names(ns): return ", ".join(name(n) for n in ns) or "none"
+    helped = [n for n in r["helped"] if n in changes]
+    hurt = [n for n in r["hurt"] if n in changes]
+    text = f"tuning split (corpus seed {r['corpus_seed']}, F={r['facts']}, {seeds} seed{'s' if seeds > 1 else ''} each): UltraMem {_pm(base)} vs MoE {_pm(moe)}. "
+    if seeds < 2:
+        text += "One seed: differences, no verdicts: " + names(changes)
+    else:
+        text += (f"Changed the result (every seed beyond every seed of `ultramem`): higher {names(helped)}; "
+                 f"lower {names(hurt)}; within the spread: {names([n for n in changes if n not in helped + hurt])}")
+    if r.get("longer"):
+        L = r["longer"]
+        text += (f". At {r['exposures_mult']}x the tokens: " + ", ".join(
+            f"{n} {_pm(L[n]['recall_trained_forms'])}" for n in L))
+    return ["why UltraMem vs MoE on recall: one change at a time", text]
+
+
+def capacity_levers_row(r: Dict) -> List[str]:
+    parts = [f"{x['lever']} ({x['facts']} facts, {x['exposures']:.0f} exposures): "
+             f"{_pm(x['recall_trained_forms'])}" for x in r["levers"]]  # fmt: skip
+    return [f"which levers let a dense model learn facts in a CPU budget (tuning split, corpus seed "
+            f"{r['corpus_seed']}; recall in trained forms)", "; ".join(parts)]  # fmt: skip
+
 
 
 def decode_row(r: Dict) -> List[str]:
@@ -120,6 +271,13 @@ def decode_row(r: Dict) -> List[str]:
 ROWS = (
     ("main_job_cpu.json", main_job_row),
     ("compare_cpu.json", compare_row),
+    ("evidence_capacity_levers_cpu.json", capacity_levers_row),
+    ("evidence_capacity_cpu.json", capacity_learnable_row),
+    ("evidence_capacity_cpu.json", capacity_row),
+    ("evidence_capacity_cpu.json", capacity_tuned_row),
+    ("evidence_capacity_cpu.json", capacity_heldout_row),
+    ("evidence_capacity_scaling_cpu.json", capacity_scaling_row),
+    ("evidence_capacity_diagnosis_cpu.json", capacity_diagnosis_row),
     ("evidence_quality_cpu.json", quality_row),
     ("evidence_ablations_cpu.json", ablations_row),
     ("evidence_scaling_cpu.json", scaling_row),

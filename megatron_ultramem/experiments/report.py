@@ -44,6 +44,11 @@ def versions() -> Dict[str, str]:
     }
 
 
+PLACEHOLDERS = {"--work": "W"}
+"""Flags whose value is a folder of this machine, and the placeholder a results file records
+(readme.py also rewrites files written before command_line did)."""
+
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -53,12 +58,17 @@ def portable(args) -> List[str]:
     cache) and any other one DIR."""
     out, previous = [], None
     for arg in args:
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("--") and os.path.isabs(value):  # --work=/path
+            out.append(f"{flag}={PLACEHOLDERS.get(flag, 'DIR')}")
+            previous = arg
+            continue
         if os.path.isabs(arg):
             inside = os.path.relpath(arg, REPO_ROOT)
             if not inside.startswith(".."):
                 arg = inside
             else:
-                arg = "W" if previous == "--work" else "DIR"
+                arg = PLACEHOLDERS.get(previous, "DIR")
         out.append(arg)
         previous = arg
     return out
@@ -79,7 +89,8 @@ def _where() -> str:
 
 
 def header(title: str, command: str, load_before: str, load_after: str) -> List[str]:
-    """Markdown lines: title, date, machine (lscpu | head -20, nproc), versions, command, load."""
+    """Markdown lines: title, date, machine (lscpu | head -20, `nproc --all`: the cores, whatever
+    OMP_NUM_THREADS says), versions, command, load."""
     v = versions()
     mem_kib = _run("awk '/MemTotal/ {print $2}' /proc/meminfo")
     ram = f"{int(mem_kib) / 2**20:.0f} GiB" if mem_kib.isdigit() else "unknown"
@@ -88,7 +99,8 @@ def header(title: str, command: str, load_before: str, load_after: str) -> List[
         "",
         f"Date: `{_run('date')}`",
         "",
-        f"Machine: nproc = {_run('nproc')}, RAM {ram}, no GPU used (CPU run). `lscpu | head -20`:",
+        f"Machine: nproc --all = {_run('nproc --all')}, RAM {ram}, no GPU used (CPU run). "
+        "`lscpu | head -20`:",
         "",
         "```",
         _run("lscpu | head -20"),
@@ -119,7 +131,7 @@ def write_report(md_path: str, lines: List[str], command: str, **numbers) -> str
     blob = {
         "file": os.path.basename(md_path),
         "date": now() + " UTC",
-        "machine": f"{_run('nproc')} cores, {' '.join(lscpu.split(':', 1)[-1].split())}, no GPU",
+        "machine": f"{_run('nproc --all')} cores, {' '.join(lscpu.split(':', 1)[-1].split())}, no GPU",
         "versions": versions(),
         "command": command,
         **numbers,
