@@ -1,5 +1,9 @@
 """Small builders shared by tests."""
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from megatron_ultramem.config import UltraMemConfig
@@ -29,3 +33,14 @@ def small_config(dtype=torch.float32, **overrides) -> UltraMemConfig:
     )
     fields.update(overrides)
     return UltraMemConfig(**fields)
+
+
+def run_experiments(args, cwd, timeout=600):
+    """`python -m megatron_ultramem.experiments *args` in `cwd` with this checkout importable
+    (timeout: a guard only: a loaded 2-core machine needs minutes)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_ultramem.experiments", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip

@@ -7,11 +7,8 @@ python -m pytest -q tests/test_capacity.py
 
 import json
 import math
-import os
 import random
 import re
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -19,8 +16,8 @@ import torch
 
 from megatron_ultramem.experiments import capacity, configs
 from megatron_ultramem.experiments import capacity_corpus as cc
+from tests.helpers import run_experiments
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = cc.CapacitySpec(num_facts=37, value_digits=4, exposures=9, valid_passes=2, seed=5)
 
 
@@ -197,12 +194,6 @@ def test_command_line_records_the_work_folder_as_a_placeholder(monkeypatch):
 
 
 # ---------------------------------------------------------------------- the commands
-def _run(args, cwd, timeout=600):  # a guard only: a loaded 2-core machine needs minutes
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_ultramem.experiments", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -235,7 +226,7 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     from megatron_ultramem.experiments import readme
 
     work, out = str(tmp_path / "w"), tmp_path
-    proc = _run(["capacity", "--quick", "--seeds", "1", "--headline-seeds", "2", "--out", str(out),
+    proc = run_experiments(["capacity", "--quick", "--seeds", "1", "--headline-seeds", "2", "--out", str(out),
                  "--work", work], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "evidence_capacity_cpu_quick.md").read_text()
@@ -258,7 +249,7 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     c = blob["comparisons"][str(capacity.QUICK_FACTS[-1])]["moe"]["recall_trained_forms"]
     assert c["diff"] == pytest.approx(p["ultramem"]["recall_trained_forms"]["mean"] - p["moe"]["recall_trained_forms"]["mean"])
 
-    proc = _run(["capacity-scaling", "--quick", "--seeds", "1", "--out", str(out), "--work", work], tmp_path)
+    proc = run_experiments(["capacity-scaling", "--quick", "--seeds", "1", "--out", str(out), "--work", work], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ultramem seed") == 1 and "ultramem seed 0: loaded" in proc.stdout
     sc = json.loads((out / "evidence_capacity_scaling_cpu_quick.json").read_text())
@@ -267,13 +258,13 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     assert sc["fits"]["recall_trained_forms"]["points"] == len(capacity.QUICK_NUM_KEYS)
     assert set(sc["references"]) == {"moe", "dense"} and "per doubling" in (out / "evidence_capacity_scaling_cpu_quick.md").read_text()
 
-    proc = _run(["capacity-diagnosis", "--quick", "--seeds", "1", "--out", str(out), "--work", work], tmp_path)
+    proc = run_experiments(["capacity-diagnosis", "--quick", "--seeds", "1", "--out", str(out), "--work", work], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dg = json.loads((out / "evidence_capacity_diagnosis_cpu_quick.json").read_text())
     assert dg["corpus_seed"] == 1 and set(dg["variants"]) == set(capacity.QUICK_DIAGNOSIS)
     assert set(dg["longer"]) == {"ultramem", "moe"}  # dense is not in the quick list
 
-    proc = _run(["capacity-levers", "--quick", "--out", str(out), "--work", work], tmp_path)
+    proc = run_experiments(["capacity-levers", "--quick", "--out", str(out), "--work", work], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lv = json.loads((out / "evidence_capacity_levers_cpu_quick.json").read_text())
     assert [x["lever"] for x in lv["levers"]] == [label for label, _, _ in capacity.LEVERS[:3]]

@@ -4,12 +4,11 @@ python -m pytest -q tests/test_experiments.py
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from megatron_ultramem.experiments import configs, corpus
+from tests.helpers import run_experiments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,12 +206,6 @@ def test_pooled_comparison():
 
 
 # ---------------------------------------------------------------------- CLI smoke runs
-def _run(args, cwd, timeout=600):  # a guard only: a loaded 2-core machine needs minutes
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(
-        [sys.executable, "-m", "megatron_ultramem.experiments", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
 
 
 def test_quick_sweep_ablations_scaling_write_their_files_and_share_runs(tmp_path):
@@ -224,7 +217,7 @@ def test_quick_sweep_ablations_scaling_write_their_files_and_share_runs(tmp_path
     from megatron_ultramem.experiments import readme, scaling
 
     work = str(tmp_path / "w")
-    proc = _run(["quality", "--quick", "--out", str(tmp_path), "--work", work], tmp_path)
+    proc = run_experiments(["quality", "--quick", "--out", str(tmp_path), "--work", work], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "evidence_quality_cpu_quick.md").read_text()
     for name in ("moe", "dense", "pkm", "ultramem", "ultramem_no_ive", "ultramem_no_tdqkr",
@@ -239,7 +232,7 @@ def test_quick_sweep_ablations_scaling_write_their_files_and_share_runs(tmp_path
     u, m = quality["variants"]["ultramem"]["valid_loss"], quality["variants"]["moe"]["valid_loss"]
     assert quality["ultramem_minus_moe"]["diff"] == pytest.approx(u["mean"] - m["mean"])
 
-    proc = _run(["ablations", "--quick", "--out", str(tmp_path), "--work", work], tmp_path)
+    proc = run_experiments(["ablations", "--quick", "--out", str(tmp_path), "--work", work], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ultramem seed") == 2 and "ultramem seed 0: loaded" in proc.stdout
     md = (tmp_path / "evidence_ablations_cpu_quick.md").read_text()
@@ -254,7 +247,7 @@ def test_quick_sweep_ablations_scaling_write_their_files_and_share_runs(tmp_path
     for name, e in ablations["effects"].items():  # effect = mean(UltraMem) - mean(ablation)
         assert e["effect"] == pytest.approx(v["ultramem"]["valid_loss"]["mean"] - v[name]["valid_loss"]["mean"])
 
-    proc = _run(["scaling", "--quick", "--out", str(tmp_path), "--work", work], tmp_path)
+    proc = run_experiments(["scaling", "--quick", "--out", str(tmp_path), "--work", work], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "evidence_scaling_cpu_quick.md").read_text()
     assert "## Results" in md and "per doubling" in md and "load average" in md
@@ -276,7 +269,7 @@ def test_quick_sweep_ablations_scaling_write_their_files_and_share_runs(tmp_path
 
 
 def test_decode_quick_writes_its_file(tmp_path):
-    proc = _run(["decode", "--quick", "--out", str(tmp_path)], tmp_path)
+    proc = run_experiments(["decode", "--quick", "--out", str(tmp_path)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "evidence_decode_cpu_quick.md").read_text()
     assert "## Decode step latency" in md and "## Parameter bytes read" in md
@@ -296,7 +289,7 @@ def test_mainjob_records_the_main_job(tmp_path, compare):
     from megatron_ultramem.experiments import readme
 
     flags = "--train-iters 4 --eval-interval 2 --eval-iters 1 --warmup-iters 1 --micro-batch-size 4 --seq-length 32"
-    proc = _run(["mainjob", "--out", str(tmp_path), "--flags", flags] + (["--compare"] if compare else []),
+    proc = run_experiments(["mainjob", "--out", str(tmp_path), "--flags", flags] + (["--compare"] if compare else []),
                 tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     name = "compare_cpu" if compare else "main_job_cpu"
@@ -315,6 +308,6 @@ def test_mainjob_records_the_main_job(tmp_path, compare):
 def test_readme_results_table_is_built_from_the_committed_files():
     """README.md's results section is exactly what `experiments readme` builds from
     benchmarks/results (run `python -m megatron_ultramem.experiments readme` after a benchmark)."""
-    proc = _run(["readme", "--check", "--readme", os.path.join(ROOT, "README.md"),
+    proc = run_experiments(["readme", "--check", "--readme", os.path.join(ROOT, "README.md"),
                  "--results", os.path.join(ROOT, "benchmarks", "results")], ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
