@@ -735,7 +735,7 @@ def layer_bench(copy_bw):
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from megatron_ultramem import train
-    from megatron_ultramem.experiments import configs, decode
+    from megatron_ultramem.experiments import decode
 
     train.init_distributed()
     size, batches, train_tokens = layer_sizes()

@@ -9,7 +9,6 @@ Notation: T tokens, H retrieval heads, n' = sqrt(E) * n keys per side of the vir
 rank, h Tucker cores, m top-m per head, N = n^2 physical value rows, Dv value dim, E expansion rate.
 """
 
-import math
 from typing import List, Tuple
 
 import torch

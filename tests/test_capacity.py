@@ -9,6 +9,7 @@ import json
 import math
 import random
 import re
+import sys
 from dataclasses import replace
 
 import pytest
