@@ -159,13 +159,18 @@ def capacity_learnable_row(r: Dict) -> List[str]:
     ]
 
 
-def capacity_row(r: Dict) -> List[str]:
-    pts, cmp = r["points"], r["comparisons"]
-    parts = []
+def _bound_points(r: Dict, subject: str, comparisons: str = "comparisons"):
+    """(F, the point's variants, subject's comparisons) at each capacity-bound fact count where
+    `subject` and its comparison with the MoE were run."""
     for F in map(str, r["capacity_bound"]):
-        p, c = pts[F], cmp.get(F, {})
-        if "ultramem" not in p or "moe" not in c:
-            continue
+        p, c = r["points"][F], r.get(comparisons, {}).get(F, {})
+        if subject in p and "moe" in c:
+            yield F, p, c
+
+
+def capacity_row(r: Dict) -> List[str]:
+    parts = []
+    for F, p, c in _bound_points(r, "ultramem"):
         others = ", ".join(f"{n} {_pm(p[n]['recall_trained_forms'])}" for n in ("moe", "pkm", "dense") if n in p)
         words = "; ".join(f"vs {n}: {_word(c[n]['recall_trained_forms']['verdict'])}" for n in c)
         parts.append(f"F={F} (n={p['ultramem']['seeds']}): UltraMem {_pm(p['ultramem']['recall_trained_forms'])}, "
@@ -176,12 +181,8 @@ def capacity_row(r: Dict) -> List[str]:
 
 def capacity_tuned_row(r: Dict) -> List[str]:
     """`ultramem_tuned` (the tuning split's choices) against the others at each capacity-bound F."""
-    pts, cmp = r["points"], r.get("tuned_comparisons", {})
     parts = []
-    for F in map(str, r["capacity_bound"]):
-        p, c = pts[F], cmp.get(F, {})
-        if "ultramem_tuned" not in p or "moe" not in c:
-            continue
+    for F, p, c in _bound_points(r, "ultramem_tuned", "tuned_comparisons"):
         key = "recall_trained_forms"
         words = "; ".join(f"vs {n}: {_word(c[n][key]['verdict'])}"
                           + (f", Welch t {c[n][key]['welch_t']:+.1f}" if "welch_t" in c[n][key] else "")
@@ -194,12 +195,8 @@ def capacity_tuned_row(r: Dict) -> List[str]:
 
 
 def capacity_heldout_row(r: Dict) -> List[str]:
-    pts, cmp = r["points"], r["comparisons"]
     parts = []
-    for F in map(str, r["capacity_bound"]):
-        p, c = pts[F], cmp.get(F, {})
-        if "ultramem" not in p or "moe" not in c:
-            continue
+    for F, p, c in _bound_points(r, "ultramem"):
         parts.append(
             f"F={F}: recall on the held-out question form UltraMem "
             f"{_pm(p['ultramem']['recall_heldout_question'])} vs MoE {_pm(p['moe']['recall_heldout_question'])} "
