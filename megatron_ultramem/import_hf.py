@@ -280,8 +280,6 @@ def validated_main_job_args(args):
 
 
 def write_main_job(cfg, hf: Dict[str, torch.Tensor], tmp: str, extra: List[str]) -> List[str]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     from . import checkpointing, train
 
     args = main_job_args_for(cfg, extra)
@@ -291,16 +289,7 @@ def write_main_job(cfg, hf: Dict[str, torch.Tensor], tmp: str, extra: List[str])
     vocab = train.vocab_size(local) if getattr(local, "data_info", None) else cfg.vocab_size
     model = train.build_model(config, vocab, args.seq_length)
     checkpoint.fill_sharded_state_dict(model.sharded_state_dict(), mapping.hf_to_megatron(hf, cfg))
-    if args.bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(config, model)
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=args.grad_reduce_in_fp32,
-                                              use_distributed_optimizer=args.use_distributed_optimizer),
-        model,
-    )  # fmt: skip
-    optimizer, scheduler = train.build_optimizer(local, config, ddp)
+    model, _, optimizer, scheduler = train.wrap_for_training(args, config, model, optimizer_args=local)
     # A fresh Adam state written out (zero moments), because the main job's resume path loads the
     # optimizer with the model and asks for every state tensor. Its step cannot be 0: Megatron's
     # FP32Optimizer / Float16OptimizerWithFloat16Params save the per-parameter step only when it

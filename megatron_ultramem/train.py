@@ -505,6 +505,29 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
+def wrap_for_training(args, config, model, optimizer_args=None):
+    """The main job's training stack around a built model: Float16Module under --bf16, Megatron's
+    DDP (--grad-reduce-in-fp32, --use-distributed-optimizer) and build_optimizer's optimizer and
+    scheduler (from `optimizer_args`, default `args`). Returns (model, ddp, optimizer, scheduler),
+    model being the Float16Module when wrapped."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    if args.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=args.grad_reduce_in_fp32,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        ),
+        model,
+    )
+    optimizer, scheduler = build_optimizer(optimizer_args or args, config, ddp)
+    return model, ddp, optimizer, scheduler
+
+
 def build_optimizer(args, config, ddp_model):
     """Megatron's optimizer (fp32, or bf16 with fp32 main params; DistributedOptimizer on request)
     with the value tables in their own param group, and the value-LR scheduler."""
@@ -572,11 +595,7 @@ def train(args, build=None, at_end=None) -> Dict:
     """
     validate_args(args)
     from megatron.core import parallel_state
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from . import checkpointing, data_pipeline
@@ -602,19 +621,7 @@ def train(args, build=None, at_end=None) -> Dict:
             f"on this rank ({n_values:,} in value tables, {len(layers)} memory layers)",
             flush=True,
         )
-    if args.bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(config, model)
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=args.grad_reduce_in_fp32,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-        ),
-        model,
-    )
-    optimizer, scheduler = build_optimizer(args, config, ddp)
+    model, ddp, optimizer, scheduler = wrap_for_training(args, config, model)
     config.finalize_model_grads_func = finalize_model_grads  # DP/TP grad reductions, once a step
     config.grad_scale_func = optimizer.scale_loss
 

@@ -209,20 +209,11 @@ def test_round_trip_is_bitwise(main_job):
 
 def _main_job_stack(args):
     """The main job's model, DDP, optimizer and scheduler for its flags (train.train's build)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     from megatron_ultramem import train
 
     torch.manual_seed(args.seed)
     config = train.make_config(args)
-    model = train.build_model(config, 256, args.seq_length)
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(grad_reduce_in_fp32=args.grad_reduce_in_fp32,
-                                              use_distributed_optimizer=args.use_distributed_optimizer),
-        model,
-    )  # fmt: skip
-    optimizer, scheduler = train.build_optimizer(args, config, ddp)
-    return model, ddp, optimizer, scheduler
+    return train.wrap_for_training(args, config, train.build_model(config, 256, args.seq_length))
 
 
 def test_main_job_import_is_a_fresh_start(main_job, tmp_path):
