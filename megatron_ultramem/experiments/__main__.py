@@ -34,6 +34,7 @@ import importlib
 import os
 import shlex
 import sys
+import tempfile
 
 from ..cli import ArgumentParser, check_writable, fail, float_in, int_at_least
 
@@ -59,7 +60,10 @@ def _training_flags(q: argparse.ArgumentParser, seeds_help: str) -> None:
     q.add_argument("--train-iters", type=pos, default=None, help="override the step count")
     q.add_argument("--entities", type=pos, default=None, help="override the corpus' entity count")
     q.add_argument("--fresh", action="store_true", help="ignore finished runs saved under --work")
-    q.add_argument("--threads", type=pos, default=None, help="torch intra-op threads")
+    q.add_argument("--threads", type=pos, default=None,
+                   help="torch intra-op threads (of each run's process with --jobs; default 1 there)")
+    q.add_argument("--jobs", type=pos, default=1,
+                   help="runs trained at once, each in its own process (2: both cores of a 2-core machine)")
     q.add_argument("--wait-load", type=float_in(0.0, low_open=True), default=None, metavar="L",
                    help="before each run, wait until the 1-minute load average is below L")
 
@@ -102,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     kl = sub.add_parser("capacity-levers", help="which settings let a dense model learn facts (tuning split)")
     _training_flags(kl, "seeds per lever (default 1)")
     _capacity_flags(kl, corpus_seed=1)
+    ke = sub.add_parser("capacity-evidence", help="the four capacity commands as the committed files ran "
+                        "them, timed end to end")  # fmt: skip
+    ke.add_argument("--quick", action="store_true", help="CI smoke size, one seed")
+    ke.add_argument("--out", default="benchmarks/results")
+    ke.add_argument("--work", default=None, help="the run cache (empty: a reproduction from scratch)")
+    ke.add_argument("--jobs", type=int_at_least(1), default=2, help="runs trained at once (default 2)")
+    ke.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads per run (default 1)")
+    ke.add_argument("--fresh", action="store_true", help="ignore finished runs saved under --work")
     d = sub.add_parser("decode", help="one decode step of the MLP slot: latency, bytes read")
     d.add_argument("--quick", action="store_true", help="CI smoke size")
     d.add_argument("--out", default="benchmarks/results")
@@ -128,6 +140,9 @@ def validate(args) -> None:
         path = getattr(args, flag, None)
         if path is not None:
             check_writable(path, f"--{flag}")
+    if getattr(args, "jobs", 1) > 1 and getattr(args, "wait_load", None) is not None:
+        fail(f"--wait-load {args.wait_load} waits for an idle machine before each run, and --jobs "
+             f"{args.jobs} loads it with its own runs: use one or the other")  # fmt: skip
     if args.command == "readme":
         if not os.path.isdir(args.results):
             fail(f"--results {args.results}: no such directory (the benchmarks/results folder)")
@@ -141,6 +156,111 @@ def validate(args) -> None:
         from .. import train
 
         train.parse_args(flags)  # the main job's own check of its flags (exit status 2)
+
+
+EVIDENCE = (
+    ("capacity", "--variants", "ultramem,ultramem_tuned,moe,pkm,dense"),
+    ("capacity-scaling", "--num-keys", "14,20,28,56"),
+    ("capacity-diagnosis", "--seeds", "2", "--exposures-mult", "1"),
+    ("capacity-levers",),
+)
+"""The commands behind the committed capacity evidence, in order (capacity-scaling takes the
+sweep's UltraMem, MoE and dense runs at F=400 from the run cache)."""
+QUICK_EVIDENCE = {"capacity": ("--seeds", "1", "--headline-seeds", "2"), "capacity-diagnosis": ("--seeds", "1"),
+                  "capacity-scaling": ("--seeds", "1")}  # fmt: skip
+"""The flags `capacity-evidence --quick` sets in each command (one seed)."""
+
+
+def evidence_commands(args) -> list:
+    """capacity-evidence's command lines (argv after the module), each with the shared flags."""
+    shared = ["--quick"] * args.quick + ["--out", args.out] * (args.out != "benchmarks/results")
+    shared += ["--jobs", str(args.jobs)]
+    shared += ["--work", args.work] * (args.work is not None) + ["--threads", str(args.threads)] * bool(args.threads)
+    shared += ["--fresh"] * args.fresh
+    out = []
+    for cmd in EVIDENCE:
+        cmd = list(cmd)
+        extra = QUICK_EVIDENCE.get(cmd[0], ()) if args.quick else ()
+        for flag, value in zip(extra[::2], extra[1::2]):  # --quick's value replaces the evidence's
+            if flag in cmd:
+                cmd[cmd.index(flag) + 1] = value
+            else:
+                cmd += [flag, value]
+        out.append(cmd + shared)
+    return out
+
+
+def _run_files(work: str) -> dict:
+    """run file -> modification time, of every run saved under the run cache `work`."""
+    import glob
+
+    return {f: os.path.getmtime(f) for f in glob.glob(os.path.join(work, "runs_*", "*.json"))}
+
+
+def capacity_evidence(args) -> int:
+    """`capacity-evidence`: EVIDENCE's commands one after the other on one run cache, then a results
+    file with the wall time of each and of the whole (the issue's target: <= 3 h on the 2-core
+    machine, from an empty cache)."""
+    import json
+    import time
+
+    from . import report
+
+    argvs = evidence_commands(args)
+    parsed = [build_parser().parse_args(a) for a in argvs]
+    for a in parsed:
+        validate(a)  # every command's flags before the first run
+    work = args.work or os.path.join(tempfile.gettempdir(), "megatron_ultramem_experiments")  # make_runner's
+    before = _run_files(work)
+    load_before = report.uptime()
+    t0 = time.perf_counter()
+    rows, argv0 = [], sys.argv
+    for argv, a in zip(argvs, parsed):
+        files = _run_files(work)
+        t = time.perf_counter()
+        sys.argv = [argv0[0], *argv]  # each results file records its own command (report.command_line)
+        try:
+            module, function = HANDLERS[a.command]
+            code = getattr(importlib.import_module(f".{module}", __package__), function)(a)
+        finally:
+            sys.argv = argv0
+        if code:
+            return code
+        trained = [f for f, m in _run_files(work).items() if files.get(f) != m]
+        train_s = sum(json.load(open(f)).get("wall_seconds", 0.0) for f in trained)
+        rows.append({"command": report.command_line_of(argv), "wall_minutes": (time.perf_counter() - t) / 60,
+                     "runs_trained": len(trained), "runs_train_minutes": train_s / 60})  # fmt: skip
+    wall = (time.perf_counter() - t0) / 60
+    load_after = report.uptime()
+    scratch = not before or args.fresh
+    met = scratch and not args.quick and wall <= EVIDENCE_TARGET_MINUTES
+    lines = report.header("Capacity evidence reproduced end to end (CPU)"
+                          + (" - QUICK smoke run, not evidence" if args.quick else ""),
+                          report.command_line(), load_before, load_after)  # fmt: skip
+    lines += [
+        f"Run cache at the start: {'empty' if not before else f'{len(before)} run files'}"
+        + (" (--fresh: every run trained again)" if args.fresh else "") + f". Runs trained at once: "
+        f"{args.jobs}, torch threads per run: {args.threads or 1}.", "",
+        "| command | runs trained | wall min | runs' own training min (summed) |", "|---|---|---|---|",
+        *(f"| `{r['command']}` | {r['runs_trained']} | {r['wall_minutes']:.1f} | {r['runs_train_minutes']:.1f} |"
+          for r in rows),
+        "",
+        f"Whole capacity evidence: **{wall:.1f} min** wall for {sum(r['runs_trained'] for r in rows)} runs "
+        f"(target <= {EVIDENCE_TARGET_MINUTES} min from an empty cache: "
+        + ("met" if met else "not measured: --quick" if args.quick else "**not met**" if scratch
+           else "not measured: the cache was not empty") + ").",
+    ]  # fmt: skip
+    name = f"evidence_capacity_reproduction_cpu{'_quick' if args.quick else ''}"
+    os.makedirs(args.out, exist_ok=True)
+    report.write_report(os.path.join(args.out, f"{name}.md"), lines, report.command_line(), commands=rows,
+                        wall_minutes=wall, from_scratch=scratch, target_minutes=EVIDENCE_TARGET_MINUTES,
+                        target_met=met, jobs=args.jobs, threads_per_run=args.threads or 1)  # fmt: skip
+    print(f"wrote {name}.md ({wall:.1f} min)", flush=True)
+    return 0
+
+
+EVIDENCE_TARGET_MINUTES = 180
+"""Issue 18: the whole capacity evidence reproducible in <= 3 hours on the project's 2-core machine."""
 
 
 HANDLERS = {  # command -> (module of this package, its function taking the parsed args)
@@ -160,6 +280,8 @@ HANDLERS = {  # command -> (module of this package, its function taking the pars
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
+    if args.command == "capacity-evidence":
+        return capacity_evidence(args)
     if args.command in HANDLERS:  # imported on use: each command pulls in only what it needs
         module, function = HANDLERS[args.command]
         return getattr(importlib.import_module(f".{module}", __package__), function)(args)

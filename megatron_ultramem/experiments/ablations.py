@@ -26,6 +26,7 @@ from .quality import (
     mean_std,
     per_run_table,
     result_table,
+    run_all,
     run_header,
     seeds_from_args,
     settings_from_args,
@@ -97,9 +98,7 @@ def main(args) -> int:
     variants, _, table = configs.describe(settings.size)
     by_name = {v.name: v for v in variants}
     names = ("ultramem",) + configs.ABLATIONS
-    for seed in range(seeds):
-        for name in names:
-            runner.get(by_name[name], seed)
+    run_all([(runner, by_name[n], seed) for seed in range(seeds) for n in names], args.jobs, args.threads)
     wall = time.perf_counter() - t_start
     load_after = report.uptime()
     results = runner.results

@@ -53,7 +53,7 @@ import torch
 from . import capacity_corpus as cc
 from . import configs, corpus, report
 from .configs import ModelSize
-from .quality import Runner, Settings, compare, make_runner, seeds_from_args, train_minutes
+from .quality import Runner, Settings, compare, make_runner, run_all, seeds_from_args, train_minutes
 
 SIZE = ModelSize(
     num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64,
@@ -482,11 +482,8 @@ def main(args) -> int:
     load_before = report.uptime()
     t_start = time.perf_counter()
     runners = _runners(args, base, facts)
-    for seed in range(headline_seeds):  # by seed, so a cut-short sweep has every point
-        for F in facts:
-            if seed < seeds or F == headline:
-                for v in variants:
-                    runners[F].get(v, seed)
+    run_all([(runners[F], v, seed) for seed in range(headline_seeds) for F in facts  # by seed: a
+             if seed < seeds or F == headline for v in variants], args.jobs, args.threads)  # cut-short sweep has every point
     wall = time.perf_counter() - t_start
     load_after = report.uptime()
 
@@ -634,9 +631,7 @@ def scaling_main(args) -> int:
     load_before = report.uptime()
     t_start = time.perf_counter()
     runner = _runners(args, base, [F])[F]
-    for seed in range(seeds):
-        for v in variants:
-            runner.get(v, seed)
+    run_all([(runner, v, seed) for seed in range(seeds) for v in variants], args.jobs, args.threads)
     wall = time.perf_counter() - t_start
     load_after = report.uptime()
     results = list(runner.results)
@@ -845,13 +840,8 @@ def diagnosis_main(args) -> int:
         long_runner = _runners(args, long_base, [F])[F]
         runners.append(long_runner)
     long_names = ("ultramem", "moe", "dense")
-    for seed in range(seeds):
-        for v in variants:
-            runner.get(v, seed)
-        if long_runner is not None:
-            for v in variants:
-                if v.name in long_names:
-                    long_runner.get(v, seed)
+    run_all([(rn, v, seed) for seed in range(seeds) for rn in runners for v in variants
+             if rn is runner or v.name in long_names], args.jobs, args.threads)  # fmt: skip
     wall = time.perf_counter() - t_start
     load_after = report.uptime()
 
@@ -973,15 +963,15 @@ def levers_main(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     load_before = report.uptime()
     t_start = time.perf_counter()
-    rows, runners, results = [], [], []
+    planned = []
     for label, what, change in levers:
         F, s = lever_settings(base, {**change, **({"facts": QUICK_FACTS[-1]} if args.quick and "facts" not in change else {})})
-        rn = make_runner(args, s, make_corpus=cc.make_corpus, measure=capacity_metrics)
-        runners.append(rn)
-        dense = configs.variant_by_name(s.size, "dense")
-        rs = [rn.get(dense, seed) for seed in range(seeds)]
-        results += rs
-        rows.append((label, what, F, s, summary(rs)))
+        planned.append((label, what, F, s, make_runner(args, s, make_corpus=cc.make_corpus, measure=capacity_metrics)))
+    run_all([(rn, configs.variant_by_name(s.size, "dense"), seed) for *_, s, rn in planned for seed in range(seeds)],
+            args.jobs, args.threads)  # fmt: skip
+    runners = [rn for *_, rn in planned]
+    results = [r for rn in runners for r in rn.results]
+    rows = [(label, what, F, s, summary(rn.results)) for label, what, F, s, rn in planned]
     wall = time.perf_counter() - t_start
     load_after = report.uptime()
     lines = header_lines("Which levers let a dense model learn facts in a CPU budget (tuning split)"

@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -251,6 +251,32 @@ def wait_for_load(threshold: Optional[float], max_wait: float = 3600.0, poll: fl
     return time.perf_counter() - t0
 
 
+def train_and_save(path: str, variant: configs.Variant, settings: Settings, seed: int, fc,
+                   prefixes: Dict[str, str], measure: Callable, command: str, waited: float = 0.0,
+                   log: Callable = print) -> Dict:  # fmt: skip
+    """Train one run (run_one) and save its result to `path` atomically (a .tmp renamed into
+    place: a run cut short leaves no file, so it is trained again on resume). Runs in the command's
+    process (Runner.get) or in a worker process (run_all with jobs > 1): everything it takes pickles."""
+    load_before = report.uptime()
+    started = report.now()
+    log(f"{variant.name} seed {seed}: training (waited {waited:.0f}s for load; {load_before})", flush=True)
+    t0 = time.perf_counter()
+    r = run_one(variant, settings, seed, fc, prefixes, log, measure)
+    r.update(wall_seconds=time.perf_counter() - t0, waited_seconds=waited, started_at=started,
+             finished_at=report.now(), load_before=load_before, load_after=report.uptime(),
+             torch_threads=torch.get_num_threads(), command=command, versions=report.versions())  # fmt: skip
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(r, f)
+    os.replace(tmp, path)
+    log(f"{variant.name} seed {seed}: val {r['final_valid_loss']:.4f} value "
+        f"{r['value_split']['value_nats']:.3f} nats, recall held-out "
+        f"{r['recall_heldout_question']['accuracy']:.3f} trained forms "
+        f"{r['recall_trained_forms']['accuracy']:.3f}, {r['tokens_per_second']:,.0f} tok/s "
+        f"({r['wall_seconds']:.0f}s)", flush=True)  # fmt: skip
+    return r
+
+
 @dataclass
 class Runner:
     """Runs (variant, seed) pairs of one Settings, or loads them from --work when already done."""
@@ -271,7 +297,7 @@ class Runner:
         os.makedirs(self.run_dir, exist_ok=True)
         self.fc = self.make_corpus(s.corpus)
         self.prefixes = self.fc.write_indexed(os.path.join(self.work, f"corpus_{s.key()}"))
-        self.trained = 0
+        self.trained_here: set = set()  # run files this command trained (also through run_all's workers)
         self.waited = 0.0
 
     def path(self, variant: configs.Variant, seed: int) -> str:
@@ -285,40 +311,73 @@ class Runner:
         with open(path) as f:
             return json.load(f)
 
+    def needs_training(self, variant: configs.Variant, seed: int) -> bool:
+        path = self.path(variant, seed)
+        return path not in self.trained_here and (self.fresh or not os.path.exists(path))
+
     def get(self, variant: configs.Variant, seed: int) -> Dict:
         path = self.path(variant, seed)
-        if os.path.exists(path) and not self.fresh:
+        if not self.needs_training(variant, seed):
             with open(path) as f:
                 r = json.load(f)
-            r["loaded"] = True
-            self.log(f"{variant.name} seed {seed}: loaded {path} (trained {r.get('finished_at', '?')})",
-                     flush=True)  # fmt: skip
+            r["loaded"] = path not in self.trained_here
+            if r["loaded"]:
+                self.log(f"{variant.name} seed {seed}: loaded {path} (trained {r.get('finished_at', '?')})",
+                         flush=True)  # fmt: skip
             self.results.append(r)
             return r
         waited = wait_for_load(self.wait_load)
         self.waited += waited
-        load_before = report.uptime()
-        started = report.now()
-        self.log(f"{variant.name} seed {seed}: training (waited {waited:.0f}s for load; {load_before})",
-                 flush=True)  # fmt: skip
-        t0 = time.perf_counter()
-        r = run_one(variant, self.settings, seed, self.fc, self.prefixes, self.log, self.measure)
-        r.update(wall_seconds=time.perf_counter() - t0, waited_seconds=waited, started_at=started,
-                 finished_at=report.now(), load_before=load_before, load_after=report.uptime(),
-                 command=self.command, versions=report.versions())  # fmt: skip
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(r, f)
-        os.replace(tmp, path)
-        self.trained += 1
-        self.log(f"{variant.name} seed {seed}: val {r['final_valid_loss']:.4f} value "
-                 f"{r['value_split']['value_nats']:.3f} nats, recall held-out "
-                 f"{r['recall_heldout_question']['accuracy']:.3f} trained forms "
-                 f"{r['recall_trained_forms']['accuracy']:.3f}, {r['tokens_per_second']:,.0f} tok/s "
-                 f"({r['wall_seconds']:.0f}s)", flush=True)  # fmt: skip
+        r = train_and_save(path, variant, self.settings, seed, self.fc, self.prefixes, self.measure,
+                           self.command, waited, self.log)  # fmt: skip
+        self.trained_here.add(path)
         r["loaded"] = False
         self.results.append(r)
         return r
+
+
+def _worker_init(threads: int) -> None:
+    _quiet()
+    torch.set_num_threads(threads)
+
+
+def run_all(plan: Sequence[Tuple[Runner, configs.Variant, int]], jobs: int = 1,
+            threads: Optional[int] = None) -> List[Dict]:  # fmt: skip
+    """Each (runner, variant, seed) of `plan`, trained or loaded, in the plan's order (each runner's
+    `results` as if its `get` had been called in that order).
+
+    jobs > 1: the runs not saved yet are trained first, `jobs` at a time, each in a worker process
+    with `threads` torch threads (default 1), and saved as they finish; the plan is then loaded in
+    order. On the project's 2 cores, two 1-thread runs at once keep both cores busy on these small
+    models, where one run's second thread does not (benchmarks/results/
+    evidence_capacity_reproduction_cpu.md). An interrupted command keeps every finished run."""
+    if jobs > 1:
+        todo: Dict[str, Tuple[Runner, configs.Variant, int]] = {}
+        for rn, v, seed in plan:
+            if rn.needs_training(v, seed):
+                todo.setdefault(rn.path(v, seed), (rn, v, seed))  # two runners can share a run file
+        if todo:
+            import concurrent.futures as cf
+            import multiprocessing
+
+            # spawn, not fork: a forked child of a process that has run torch's OpenMP pool can hang
+            ctx = multiprocessing.get_context("spawn")
+            pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                                          initargs=(threads or 1,))  # fmt: skip
+            try:
+                futures = {
+                    pool.submit(train_and_save, path, v, rn.settings, seed, rn.fc, rn.prefixes,
+                                rn.measure, rn.command): path
+                    for path, (rn, v, seed) in todo.items()
+                }  # fmt: skip
+                for fut in cf.as_completed(futures):
+                    fut.result()  # a failed run stops the command (the finished ones stay saved)
+                    for rn, v, seed in plan:
+                        if rn.path(v, seed) == futures[fut]:
+                            rn.trained_here.add(futures[fut])
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    return [rn.get(v, seed) for rn, v, seed in plan]
 
 
 # ---------------------------------------------------------------------- statistics
@@ -556,9 +615,8 @@ def main(args) -> int:
     variants, _, table = configs.describe(settings.size)
     print("\n".join(table), flush=True)
     by_name = {v.name: v for v in variants}
-    for seed in range(seeds):  # interleaved by seed: a cut-short sweep still has every variant
-        for name in configs.QUALITY:
-            runner.get(by_name[name], seed)
+    # interleaved by seed: a cut-short sweep still has every variant
+    run_all([(runner, by_name[n], seed) for seed in range(seeds) for n in configs.QUALITY], args.jobs, args.threads)
     wall = time.perf_counter() - t_start
     load_after = report.uptime()
     results = runner.results

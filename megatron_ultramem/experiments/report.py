@@ -74,11 +74,14 @@ def portable(args) -> List[str]:
     return out
 
 
+def command_line_of(argv: List[str]) -> str:
+    """`python -m megatron_ultramem.experiments` + argv (portable paths), as a results file records it."""
+    return "python -m megatron_ultramem.experiments " + " ".join(shlex.quote(a) for a in portable(argv))
+
+
 def command_line() -> str:
-    """The command as typed: `python -m megatron_ultramem.experiments ...` (portable paths)."""
-    return "python -m megatron_ultramem.experiments " + " ".join(
-        shlex.quote(a) for a in portable(sys.argv[1:])
-    )
+    """The command as typed (this process' sys.argv)."""
+    return command_line_of(sys.argv[1:])
 
 
 def _where() -> str:

@@ -24,6 +24,7 @@ from .quality import (
     mean_std,
     pct_mean_std,
     per_run_table,
+    run_all,
     run_header,
     seeds_from_args,
     settings_from_args,
@@ -116,9 +117,7 @@ def main(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     load_before = report.uptime()
     t_start = time.perf_counter()
-    for seed in range(seeds):
-        for v in variants:
-            runner.get(v, seed)
+    run_all([(runner, v, seed) for seed in range(seeds) for v in variants], args.jobs, args.threads)
     wall = time.perf_counter() - t_start
     load_after = report.uptime()
     results = runner.results
