@@ -5,10 +5,13 @@ quick runs on one run cache.
 python -m pytest -q tests/test_capacity.py
 """
 
+import glob
 import json
 import math
+import os
 import random
 import re
+import shutil
 import sys
 from dataclasses import replace
 
@@ -209,6 +212,7 @@ def test_command_line_records_the_work_folder_as_a_placeholder(monkeypatch):
     (["capacity-diagnosis", "--exposures-mult", "0"], "--exposures-mult"),
     (["capacity-levers", "--corpus-seed", "0"], "--corpus-seed"),
     (["capacity-levers", "--facts", "100"], "--facts"),
+    (["capacity", "--jobs", "2", "--wait-load", "1.5"], "--wait-load"),
 ])  # fmt: skip
 def test_bad_flags_fail_with_one_line_and_exit_2_before_any_work(tmp_path, capsys, args, flag):
     from megatron_ultramem.experiments.__main__ import main
@@ -220,15 +224,30 @@ def test_bad_flags_fail_with_one_line_and_exit_2_before_any_work(tmp_path, capsy
     assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()
 
 
+def _evidence_argvs(*flags):
+    """capacity-evidence's four command lines (--quick), with `flags` as its own."""
+    from megatron_ultramem.experiments.__main__ import build_parser, evidence_commands
+
+    return evidence_commands(build_parser().parse_args(["capacity-evidence", "--quick", *flags]))
+
+
+RUN_METRICS = ("train_loss", "eval_loss", "final_valid_loss", "value_split", "recall_trained_forms",
+               "recall_heldout_question", "row_usage")  # fmt: skip
+"""What a run file must hold identically wherever it was trained (1 torch thread: bitwise)."""
+
+
 def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_runs(tmp_path):
-    """The four commands (--quick, one seed but two at the headline point) on one run cache, as the
-    README runs them: capacity-scaling loads the sweep's UltraMem run at its fact count; each
-    writes its .md (command, machine, load), its plot and the JSON the README rows are built from."""
+    """The four commands of `capacity-evidence --quick` (one seed but two at the headline point) one
+    by one on one run cache, one run at a time: capacity-scaling loads the sweep's UltraMem run at
+    its fact count; each writes its .md (command, machine, load), its plot and the JSON the README
+    rows are built from. Then `capacity-evidence --jobs 2` on a copy of the cache with four runs
+    deleted trains exactly those four, two at a time in worker processes, bit for bit as before."""
     from megatron_ultramem.experiments import readme
 
     work, out = str(tmp_path / "w"), tmp_path
-    proc = run_experiments(["capacity", "--quick", "--seeds", "1", "--headline-seeds", "2", "--out", str(out),
-                 "--work", work], tmp_path)  # fmt: skip
+    argvs = _evidence_argvs("--jobs", "1", "--threads", "1", "--work", work, "--out", str(out))
+    assert [a[0] for a in argvs] == ["capacity", "capacity-scaling", "capacity-diagnosis", "capacity-levers"]
+    proc = run_experiments(argvs[0], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "evidence_capacity_cpu_quick.md").read_text()
     assert "--work W" in md and work not in md and "load average" in md and "lscpu" in md
@@ -238,43 +257,76 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     base = capacity.base_from_args(build_parser().parse_args(["capacity", "--quick", "--work", work]))
     small, large = (capacity.exposures_read(capacity.settings_for(F, base)) for F in capacity.QUICK_FACTS)
     assert small > large  # fewer facts, same tokens: more statements of each
-    for name in ("ultramem", "moe", "pkm", "dense"):
+    names = ("ultramem", "ultramem_tuned", "moe", "pkm", "dense")
+    for name in names:
         assert f"| {capacity.QUICK_FACTS[0]} | {small:.0f} | {name} | 1 |" in md
         assert f"| {capacity.QUICK_FACTS[-1]} | {large:.0f} | {name} | 2 |" in md
     assert (out / "evidence_capacity_cpu_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     blob = json.loads((out / "evidence_capacity_cpu_quick.json").read_text())
     assert blob["facts"] == list(capacity.QUICK_FACTS) and blob["corpus_seed"] == 0
     p = blob["points"][str(capacity.QUICK_FACTS[-1])]
-    assert set(p) == {"ultramem", "moe", "pkm", "dense"} and p["ultramem"]["row_used_fraction"]["mean"] > 0
+    assert set(p) == set(names) and p["ultramem"]["row_used_fraction"]["mean"] > 0
     assert "row_used_fraction" not in p["moe"]
     c = blob["comparisons"][str(capacity.QUICK_FACTS[-1])]["moe"]["recall_trained_forms"]
     assert c["diff"] == pytest.approx(p["ultramem"]["recall_trained_forms"]["mean"] - p["moe"]["recall_trained_forms"]["mean"])
+    assert set(blob["tuned_comparisons"][str(capacity.QUICK_FACTS[-1])]) == {"moe", "ultramem", "dense"}
 
-    proc = run_experiments(["capacity-scaling", "--quick", "--seeds", "1", "--out", str(out), "--work", work], tmp_path)
+    proc = run_experiments(argvs[1], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ultramem seed") == 1 and "ultramem seed 0: loaded" in proc.stdout
     sc = json.loads((out / "evidence_capacity_scaling_cpu_quick.json").read_text())
-    assert [q["n"] for q in sc["points"]] == list(capacity.QUICK_NUM_KEYS)
+    assert [q["n"] for q in sc["points"]] == [14, 20, 28, 56]  # 56: the sweep's UltraMem (loaded)
     assert all(q["N"] == q["n"] ** 2 and q["seeds"] == 1 for q in sc["points"])
-    assert sc["fits"]["recall_trained_forms"]["points"] == len(capacity.QUICK_NUM_KEYS)
+    assert sc["fits"]["recall_trained_forms"]["points"] == 4
     assert set(sc["references"]) == {"moe", "dense"} and "per doubling" in (out / "evidence_capacity_scaling_cpu_quick.md").read_text()
 
-    proc = run_experiments(["capacity-diagnosis", "--quick", "--seeds", "1", "--out", str(out), "--work", work], tmp_path)
+    proc = run_experiments(argvs[2], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dg = json.loads((out / "evidence_capacity_diagnosis_cpu_quick.json").read_text())
     assert dg["corpus_seed"] == 1 and set(dg["variants"]) == set(capacity.QUICK_DIAGNOSIS)
-    assert set(dg["longer"]) == {"ultramem", "moe"}  # dense is not in the quick list
+    assert not dg["longer"]  # --exposures-mult 1: no longer runs
 
-    proc = run_experiments(["capacity-levers", "--quick", "--out", str(out), "--work", work], tmp_path)
+    proc = run_experiments(argvs[3], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lv = json.loads((out / "evidence_capacity_levers_cpu_quick.json").read_text())
     assert [x["lever"] for x in lv["levers"]] == [label for label, _, _ in capacity.LEVERS[:3]]
     assert lv["corpus_seed"] == 1 and all(x["seeds"] == 1 for x in lv["levers"])
 
+    # --jobs 2: the deleted runs trained again in two worker processes, the rest loaded
+    work2, out2 = tmp_path / "w2", tmp_path / "out2"
+    shutil.copytree(work, work2)
+    runs = sorted(os.path.relpath(f, work) for f in glob.glob(os.path.join(work, "runs_*", "*.json")))
+    dirs = {}
+    for rel in runs:
+        dirs.setdefault(os.path.dirname(rel), []).append(os.path.basename(rel))
+    pick = random.Random(18)
+    sweep = [os.path.join(d, f) for d, fs in dirs.items() if "ultramem_tuned_seed0.json" in fs for f in fs]
+    diagnosis = [os.path.join(d, "ultramem_m4_seed0.json") for d, fs in dirs.items() if "ultramem_m4_seed0.json" in fs]
+    lever = [os.path.join(d, "dense_seed0.json") for d, fs in dirs.items() if fs == ["dense_seed0.json"]]
+    assert len(diagnosis) == 1 and lever
+    deleted = pick.sample(sweep, 2) + diagnosis + [pick.choice(lever)]
+    for rel in deleted:
+        os.remove(work2 / rel)
+    proc = run_experiments(["capacity-evidence", "--quick", "--jobs", "2", "--work", str(work2), "--out", str(out2)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rep = json.loads((out2 / "evidence_capacity_reproduction_cpu_quick.json").read_text())
+    assert sum(c["runs_trained"] for c in rep["commands"]) == len(deleted)
+    assert rep["jobs"] == 2 and not rep["from_scratch"] and not rep["target_met"]
+    assert [c["command"].split()[3] for c in rep["commands"]] == [a[0] for a in argvs]
+    for rel in deleted:
+        a, b = (json.loads(open(os.path.join(w, rel)).read()) for w in (work, str(work2)))
+        assert b["torch_threads"] == 1  # a worker's default
+        assert {k: a.get(k) for k in RUN_METRICS} == {k: b.get(k) for k in RUN_METRICS}, rel
+    for rel in set(runs) - set(deleted):  # loaded, not trained again
+        assert open(os.path.join(work, rel)).read() == open(work2 / rel).read()
+
     results = tmp_path / "results"
     results.mkdir()
     for name in ("capacity", "capacity_scaling", "capacity_diagnosis", "capacity_levers"):
         (results / f"evidence_{name}_cpu.json").write_text((out / f"evidence_{name}_cpu_quick.json").read_text())
+    (results / "evidence_capacity_reproduction_cpu.json").write_text(
+        (out2 / "evidence_capacity_reproduction_cpu_quick.json").read_text())
     rows = "\n".join(readme.table(str(results)))
+    assert "reproduced from an empty run cache" in rows and "not measured: the run cache was not empty" in rows
     assert "can the experiment see capacity?" in rows and "per doubling of N" in rows
     assert "one change at a time" in rows and "--work W" in rows and "which levers" in rows

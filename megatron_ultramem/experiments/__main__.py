@@ -7,6 +7,7 @@
     python -m megatron_ultramem.experiments capacity-scaling [--quick] [--seeds 2] [--num-keys ...]
     python -m megatron_ultramem.experiments capacity-diagnosis [--quick] [--seeds 2] (tuning split)
     python -m megatron_ultramem.experiments capacity-levers [--quick] (tuning split)
+    python -m megatron_ultramem.experiments capacity-evidence [--quick] [--jobs 2] --work W (the four, timed)
     python -m megatron_ultramem.experiments decode    [--quick] [--out DIR]
     python -m megatron_ultramem.experiments configs   [--quick] [--build]
     python -m megatron_ultramem.experiments mainjob   [--compare]
@@ -24,7 +25,10 @@ activated parameters (evidence_scaling_cpu.md + .png). The three share one run c
 runs with the same settings, variant and seed are trained once (the ablations' and the scaling's
 UltraMem baseline are the sweep's runs). `decode` times one decode step of the MLP slot and
 counts the parameter bytes it reads (decode.py); `configs` prints and checks the matched
-configurations. `--quick` is the CI smoke size (files get a `_quick` suffix). `mainjob` runs and
+configurations. `capacity-evidence` runs the four capacity commands as the committed files ran
+them, one after the other on one run cache, and records the wall time of each and of the whole
+(evidence_capacity_reproduction_cpu.md). `--jobs J` trains J runs at once, each in its own
+process (quality.run_all). `--quick` is the CI smoke size (files get a `_quick` suffix). `mainjob` runs and
 records the main job (main_job_cpu.md/.json; `--compare`: compare_cpu.md/.json); `readme` rebuilds
 the README's results table from the results files' JSON (`--check`: fail if it is out of date).
 """
@@ -141,8 +145,8 @@ def validate(args) -> None:
         if path is not None:
             check_writable(path, f"--{flag}")
     if getattr(args, "jobs", 1) > 1 and getattr(args, "wait_load", None) is not None:
-        fail(f"--wait-load {args.wait_load} waits for an idle machine before each run, and --jobs "
-             f"{args.jobs} loads it with its own runs: use one or the other")  # fmt: skip
+        fail(f"--wait-load: waits for an idle machine before each run, and --jobs {args.jobs} loads it "
+             "with its own runs: use one or the other (--jobs 1 with --wait-load)")  # fmt: skip
     if args.command == "readme":
         if not os.path.isdir(args.results):
             fail(f"--results {args.results}: no such directory (the benchmarks/results folder)")

@@ -463,7 +463,6 @@ def main(args) -> int:
     load_after = report.uptime()
 
     size = settings.size
-    u = configs.variant_by_name(size, "ultramem")
     lines = report.header(
         "Decode step of the MLP slot on CPU: dense vs MoE vs UltraMem"
         + (" - QUICK smoke run, not evidence" if args.quick else ""),

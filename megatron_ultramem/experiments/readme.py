@@ -254,6 +254,19 @@ def capacity_levers_row(r: Dict) -> List[str]:
             f"{r['corpus_seed']}; recall in trained forms)", "; ".join(parts)]  # fmt: skip
 
 
+def capacity_reproduction_row(r: Dict) -> List[str]:
+    """`capacity-evidence`: the four capacity commands one after the other, timed end to end."""
+    runs = sum(c["runs_trained"] for c in r["commands"])
+    verdict = ("met" if r["target_met"] else "**not met**" if r["from_scratch"]
+               else "not measured: the run cache was not empty")  # fmt: skip
+    return [
+        "the whole capacity evidence (the four capacity commands above), reproduced from an empty run "
+        f"cache with {r['jobs']} runs at once, {r['threads_per_run']} torch thread each",
+        f"{r['wall_minutes']:.0f} min wall for {runs} runs ("
+        + ", ".join(f"{c['command'].split()[3]} {c['wall_minutes']:.0f} min" for c in r["commands"])
+        + f"); target <= {r['target_minutes']} min: {verdict}",
+    ]
+
 
 def decode_row(r: Dict) -> List[str]:
     dec = ", ".join(f"B={b}: {t['ratio']:.2f}x" for b, t in r["decode"].items())
@@ -275,6 +288,7 @@ ROWS = (
     ("evidence_capacity_cpu.json", capacity_heldout_row),
     ("evidence_capacity_scaling_cpu.json", capacity_scaling_row),
     ("evidence_capacity_diagnosis_cpu.json", capacity_diagnosis_row),
+    ("evidence_capacity_reproduction_cpu.json", capacity_reproduction_row),
     ("evidence_quality_cpu.json", quality_row),
     ("evidence_ablations_cpu.json", ablations_row),
     ("evidence_scaling_cpu.json", scaling_row),
