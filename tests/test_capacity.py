@@ -312,6 +312,7 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     rep = json.loads((out2 / "evidence_capacity_reproduction_cpu_quick.json").read_text())
     assert sum(c["runs_trained"] for c in rep["commands"]) == len(deleted)
     assert rep["jobs"] == 2 and not rep["from_scratch"] and not rep["target_met"]
+    assert rep["complete"] and rep["commands_total"] == len(rep["commands"]) == 4
     assert [c["command"].split()[3] for c in rep["commands"]] == [a[0] for a in argvs]
     for rel in deleted:
         a, b = (json.loads(open(os.path.join(w, rel)).read()) for w in (work, str(work2)))
