@@ -246,8 +246,9 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
 
     work, out = str(tmp_path / "w"), tmp_path
     argvs = _evidence_argvs("--jobs", "1", "--threads", "1", "--work", work, "--out", str(out))
-    assert [a[0] for a in argvs] == ["capacity", "capacity-scaling", "capacity-diagnosis", "capacity-levers"]
-    proc = run_experiments(argvs[0], tmp_path)
+    assert [a[0] for a in argvs] == ["capacity", "capacity-scaling", "capacity-levers", "capacity-diagnosis"]
+    argvs = {a[0]: a for a in argvs}
+    proc = run_experiments(argvs["capacity"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "evidence_capacity_cpu_quick.md").read_text()
     assert "--work W" in md and work not in md and "load average" in md and "lscpu" in md
@@ -271,7 +272,7 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     assert c["diff"] == pytest.approx(p["ultramem"]["recall_trained_forms"]["mean"] - p["moe"]["recall_trained_forms"]["mean"])
     assert set(blob["tuned_comparisons"][str(capacity.QUICK_FACTS[-1])]) == {"moe", "ultramem", "dense"}
 
-    proc = run_experiments(argvs[1], tmp_path)
+    proc = run_experiments(argvs["capacity-scaling"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ultramem seed") == 1 and "ultramem seed 0: loaded" in proc.stdout
     sc = json.loads((out / "evidence_capacity_scaling_cpu_quick.json").read_text())
@@ -280,13 +281,13 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     assert sc["fits"]["recall_trained_forms"]["points"] == 4
     assert set(sc["references"]) == {"moe", "dense"} and "per doubling" in (out / "evidence_capacity_scaling_cpu_quick.md").read_text()
 
-    proc = run_experiments(argvs[2], tmp_path)
+    proc = run_experiments(argvs["capacity-diagnosis"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dg = json.loads((out / "evidence_capacity_diagnosis_cpu_quick.json").read_text())
     assert dg["corpus_seed"] == 1 and set(dg["variants"]) == set(capacity.QUICK_DIAGNOSIS)
     assert not dg["longer"]  # --exposures-mult 1: no longer runs
 
-    proc = run_experiments(argvs[3], tmp_path)
+    proc = run_experiments(argvs["capacity-levers"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lv = json.loads((out / "evidence_capacity_levers_cpu_quick.json").read_text())
     assert [x["lever"] for x in lv["levers"]] == [label for label, _, _ in capacity.LEVERS[:3]]
@@ -313,7 +314,7 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     assert sum(c["runs_trained"] for c in rep["commands"]) == len(deleted)
     assert rep["jobs"] == 2 and not rep["from_scratch"] and not rep["target_met"]
     assert rep["complete"] and rep["commands_total"] == len(rep["commands"]) == 4
-    assert [c["command"].split()[3] for c in rep["commands"]] == [a[0] for a in argvs]
+    assert [c["command"].split()[3] for c in rep["commands"]] == list(argvs)
     for rel in deleted:
         a, b = (json.loads(open(os.path.join(w, rel)).read()) for w in (work, str(work2)))
         assert b["torch_threads"] == 1  # a worker's default

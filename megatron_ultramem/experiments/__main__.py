@@ -165,11 +165,11 @@ def validate(args) -> None:
 EVIDENCE = (
     ("capacity", "--variants", "ultramem,ultramem_tuned,moe,pkm,dense"),
     ("capacity-scaling", "--num-keys", "14,20,28,56"),
-    ("capacity-diagnosis", "--seeds", "2", "--exposures-mult", "1"),
     ("capacity-levers",),
+    ("capacity-diagnosis", "--seeds", "2", "--exposures-mult", "1"),
 )
 """The commands behind the committed capacity evidence, in order (capacity-scaling takes the
-sweep's UltraMem, MoE and dense runs at F=400 from the run cache)."""
+sweep's UltraMem, MoE and dense runs at F=400 from the run cache; the longest, the diagnosis, last)."""
 QUICK_EVIDENCE = {"capacity": ("--seeds", "1", "--headline-seeds", "2"), "capacity-diagnosis": ("--seeds", "1"),
                   "capacity-scaling": ("--seeds", "1")}  # fmt: skip
 """The flags `capacity-evidence --quick` sets in each command (one seed)."""
