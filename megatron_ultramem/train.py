@@ -347,10 +347,9 @@ def init_distributed(tp: int = 1, ep: int = 1, seed: int = 1234) -> None:
             f"world size {world} must be divisible by --tensor-model-parallel-size ({tp}) "
             f"and --expert-model-parallel-size ({ep})"
         )
-    if parallel_state.model_parallel_is_initialized() and _parallel_sizes(parallel_state) == (tp, ep, 1, 1):
-        pass  # kept (see the docstring)
-    else:
-        if parallel_state.model_parallel_is_initialized():
+    initialized = parallel_state.model_parallel_is_initialized()
+    if not (initialized and _parallel_sizes(parallel_state) == (tp, ep, 1, 1)):  # else kept (docstring)
+        if initialized:
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, expert_model_parallel_size=ep

@@ -445,6 +445,10 @@ CASES = [
     Case("experiments", ["mainjob", "--flags", "--train-iters 0"], ("--train-iters", ">= 1")),
     Case("experiments", ["mainjob", "--flags", "'unbalanced"], ("--flags", "not a shell word list")),
     Case("experiments", ["scaling", "--entities", "0"], ("--entities", ">= 1")),
+    Case("experiments", ["quality", "--jobs", "0"], ("--jobs", ">= 1")),
+    Case("experiments", ["capacity-evidence", "--jobs", "0"], ("--jobs", ">= 1")),
+    Case("experiments", ["capacity-evidence", "--threads", "0"], ("--threads", ">= 1")),
+    Case("experiments", ["capacity-evidence", "--work", "a_file/w"], ("--work a_file/w", "is not a directory"), setup="a_file"),
     # ------------------------------------------------------------ python -m megatron_ultramem.export_hf
     Case("export", ["--load", "nowhere", "--out", "o"], ("--load nowhere: no such directory",), sub=True),
     Case("export", ["--out", "o"], ("the following arguments are required: --load",)),

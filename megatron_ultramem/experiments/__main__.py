@@ -224,8 +224,7 @@ def capacity_evidence(args) -> int:
         t = time.perf_counter()
         sys.argv = [argv0[0], *argv]  # each results file records its own command (report.command_line)
         try:
-            module, function = HANDLERS[a.command]
-            code = getattr(importlib.import_module(f".{module}", __package__), function)(a)
+            code = _dispatch(a)
         finally:
             sys.argv = argv0
         if code:
@@ -242,14 +241,15 @@ def capacity_evidence(args) -> int:
 
 def _write_evidence_report(args, rows, commands: int, cached: bool, load_before: str, wall: float):
     """capacity-evidence's results file for the commands done so far (`rows`, of `commands`)."""
-    from . import report
+    from . import readme, report
 
     complete = len(rows) == commands
     scratch = not cached or args.fresh
     met = complete and scratch and not args.quick and wall <= EVIDENCE_TARGET_MINUTES
-    verdict = ("met" if met else "not measured: --quick" if args.quick else "not measured: the cache was "
-               "not empty" if not scratch else f"not measured yet: {len(rows)} of {commands} commands done"
-               if not complete else "**not met**")  # fmt: skip
+    numbers = dict(commands=rows, commands_total=commands, complete=complete, quick=args.quick,
+                   wall_minutes=wall, from_scratch=scratch, target_minutes=EVIDENCE_TARGET_MINUTES,
+                   target_met=met, jobs=args.jobs, threads_per_run=args.threads or 1)  # fmt: skip
+    verdict = readme.reproduction_verdict(numbers)
     lines = report.header("Capacity evidence reproduced end to end (CPU)"
                           + (" - QUICK smoke run, not evidence" if args.quick else ""),
                           report.command_line(), load_before, report.uptime())  # fmt: skip
@@ -267,10 +267,7 @@ def _write_evidence_report(args, rows, commands: int, cached: bool, load_before:
     ]  # fmt: skip
     name = f"evidence_capacity_reproduction_cpu{'_quick' if args.quick else ''}"
     os.makedirs(args.out, exist_ok=True)
-    report.write_report(os.path.join(args.out, f"{name}.md"), lines, report.command_line(), commands=rows,
-                        commands_total=commands, complete=complete, wall_minutes=wall, from_scratch=scratch,
-                        target_minutes=EVIDENCE_TARGET_MINUTES, target_met=met, jobs=args.jobs,
-                        threads_per_run=args.threads or 1)  # fmt: skip
+    report.write_report(os.path.join(args.out, f"{name}.md"), lines, report.command_line(), **numbers)
     return name, wall
 
 
@@ -292,14 +289,19 @@ HANDLERS = {  # command -> (module of this package, its function taking the pars
 }
 
 
+def _dispatch(args) -> int:
+    """The command's function from HANDLERS, imported on use (each command pulls in only what it needs)."""
+    module, function = HANDLERS[args.command]
+    return getattr(importlib.import_module(f".{module}", __package__), function)(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     validate(args)
     if args.command == "capacity-evidence":
         return capacity_evidence(args)
-    if args.command in HANDLERS:  # imported on use: each command pulls in only what it needs
-        module, function = HANDLERS[args.command]
-        return getattr(importlib.import_module(f".{module}", __package__), function)(args)
+    if args.command in HANDLERS:
+        return _dispatch(args)
     from . import configs
 
     return configs.main((["--quick"] if args.quick else []) + (["--build"] if args.build else []))

@@ -482,8 +482,9 @@ def main(args) -> int:
     load_before = report.uptime()
     t_start = time.perf_counter()
     runners = _runners(args, base, facts)
-    run_all([(runners[F], v, seed) for seed in range(headline_seeds) for F in facts  # by seed: a
-             if seed < seeds or F == headline for v in variants], args.jobs, args.threads)  # cut-short sweep has every point
+    # by seed, so that a cut-short sweep has every point
+    run_all([(runners[F], v, seed) for seed in range(headline_seeds) for F in facts
+             if seed < seeds or F == headline for v in variants], args.jobs, args.threads)  # fmt: skip
     wall = time.perf_counter() - t_start
     load_after = report.uptime()
 

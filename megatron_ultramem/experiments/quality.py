@@ -372,11 +372,11 @@ def run_all(plan: Sequence[Tuple[Runner, configs.Variant, int]], jobs: int = 1,
                 }  # fmt: skip
                 for fut in cf.as_completed(futures):
                     fut.result()  # a failed run stops the command (the finished ones stay saved)
-                    for rn, v, seed in plan:
-                        if rn.path(v, seed) == futures[fut]:
-                            rn.trained_here.add(futures[fut])
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
+            for rn, v, seed in plan:  # every runner of a trained file (two can share one)
+                if rn.path(v, seed) in todo:
+                    rn.trained_here.add(rn.path(v, seed))
     return [rn.get(v, seed) for rn, v, seed in plan]
 
 

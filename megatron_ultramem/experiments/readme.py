@@ -254,12 +254,23 @@ def capacity_levers_row(r: Dict) -> List[str]:
             f"{r['corpus_seed']}; recall in trained forms)", "; ".join(parts)]  # fmt: skip
 
 
+def reproduction_verdict(r: Dict) -> str:
+    """The target's verdict in a capacity-evidence results file (its .md and the README row)."""
+    done, total = len(r["commands"]), r["commands_total"]
+    if r["target_met"]:
+        return "met"
+    if not r["from_scratch"]:
+        return "not measured: the run cache was not empty"
+    if r.get("quick"):  # files written before the field existed are not --quick runs
+        return "not measured: --quick"
+    return f"not measured: only {done} of {total} commands ran" if done < total else "**not met**"
+
+
 def capacity_reproduction_row(r: Dict) -> List[str]:
     """`capacity-evidence`: the four capacity commands one after the other, timed end to end."""
     runs = sum(c["runs_trained"] for c in r["commands"])
-    done, total = len(r["commands"]), r.get("commands_total", len(r["commands"]))
-    verdict = ("met" if r["target_met"] else "not measured: the run cache was not empty" if not r["from_scratch"]
-               else f"not measured: only {done} of {total} commands ran" if done < total else "**not met**")  # fmt: skip
+    done, total = len(r["commands"]), r["commands_total"]
+    verdict = reproduction_verdict(r)
     return [
         "the whole capacity evidence (the four capacity commands above), reproduced from an empty run "
         f"cache with {r['jobs']} runs at once, {r['threads_per_run']} torch thread each",
