@@ -332,3 +332,45 @@ def test_quick_capacity_scaling_diagnosis_levers_write_their_files_and_share_run
     assert "reproduced from an empty run cache" in rows and "not measured: the run cache was not empty" in rows
     assert "can the experiment see capacity?" in rows and "per doubling of N" in rows
     assert "one change at a time" in rows and "--work W" in rows and "which levers" in rows
+
+
+def test_svdvals_check_trains_with_svdvals_in_its_own_cache(tmp_path, monkeypatch):
+    """benchmarks/capacity_svdvals_check.py (README, "How far to trust single runs"): in svdvals
+    mode the capacity command runs with torch.linalg.svdvals as reference.singular_values and its
+    runs under W/svdvals (never loaded as the plugin's); --closed-form leaves the plugin's function
+    and W. Then both for real on the quick settings: each file with its own title and command."""
+    import importlib.util
+    import subprocess
+
+    from megatron_ultramem import reference
+    from megatron_ultramem.experiments import __main__ as experiments
+    from megatron_ultramem.experiments import report
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("svdvals_check", os.path.join(root, "benchmarks", "capacity_svdvals_check.py"))
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    monkeypatch.setattr(reference, "singular_values", reference.singular_values)  # restored after
+    monkeypatch.setattr(report, "command_line", report.command_line)
+    seen = []
+    C = torch.randn(3, 2, 2, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(experiments, "main", lambda argv: seen.append(
+        (argv[argv.index("--work") + 1], torch.equal(reference.singular_values(C), torch.linalg.svdvals(C)))) or 0)
+    check.main(["--closed-form", "--work", "W"])
+    check.main(["--work", "W"])
+    assert seen == [("W", False), (os.path.join("W", "svdvals"), True)]
+
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    work, out = tmp_path / "w", tmp_path / "out"
+    quick = ["--quick", "--facts", "40", "--seeds", "1", "--headline-seeds", "1", "--work", str(work), "--out", str(out)]
+    for extra in ([], ["--closed-form"]):
+        proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "capacity_svdvals_check.py"), *extra, *quick],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(glob.glob(str(work / "svdvals" / "runs_*" / "ultramem_tuned_seed0.json"))) == 1
+    assert len(glob.glob(str(work / "runs_*" / "ultramem_tuned_seed0.json"))) == 1
+    md_svd, md_closed = ((out / f"evidence_capacity_{k}_cpu.md").read_text() for k in ("svdvals", "closed_form"))
+    assert md_svd.startswith("# Tuned UltraMem with torch.linalg.svdvals") and "`torch.linalg.svdvals` replaces" in md_svd
+    assert md_closed.startswith("# Tuned UltraMem with the plugin's closed-form") and "--closed-form" in md_closed
+    assert json.loads((out / "evidence_capacity_svdvals_cpu.json").read_text())["command"].startswith(
+        "python benchmarks/capacity_svdvals_check.py")
