@@ -8,8 +8,8 @@ far to trust single runs"). `--closed-form` runs the same five seeds with the pl
     python benchmarks/capacity_svdvals_check.py --closed-form --work W  # evidence_capacity_closed_form_cpu.*
 
 Seeds 0-2 are the capacity command's own runs (evidence_capacity_cpu.*), so with the same --work
-the closed-form check trains only seeds 3 and 4; the svdvals runs are saved under W/svdvals. Other flags go to `python -m
-megatron_ultramem.experiments capacity` (--work, --out, --quick, ...). Runs train one at a time:
+the closed-form check trains only seeds 3 and 4; the svdvals runs are saved under W/svdvals.
+Other flags go to `python -m megatron_ultramem.experiments capacity` (--work, --out, --quick, ...). Runs train one at a time:
 the svdvals patch lives in this process.
 """
 
@@ -39,14 +39,14 @@ def main(argv) -> int:
     from megatron_ultramem.experiments import report
 
     kind = "closed_form" if "--closed-form" in argv else "svdvals"
-    if kind == "svdvals":
-        # layer.tucker_aux_loss reads reference.singular_values at call time (one process, --jobs 1)
-        reference.singular_values = lambda summed_core, sweeps=None: torch.linalg.svdvals(summed_core)
     report.command_line = lambda: "python benchmarks/capacity_svdvals_check.py " + " ".join(
         report.portable(argv))
     name = f"evidence_capacity_{kind}_cpu"
     args = [a for a in argv if a != "--closed-form"]
-    if kind == "svdvals":  # its runs in their own cache, W/svdvals: never loaded as the plugin's
+    if kind == "svdvals":
+        # layer.tucker_aux_loss reads reference.singular_values at call time (one process, --jobs 1)
+        reference.singular_values = lambda summed_core, sweeps=None: torch.linalg.svdvals(summed_core)
+        # its runs in their own cache, W/svdvals: never loaded as the plugin's
         work = args[args.index("--work") + 1] if "--work" in args else os.path.join(
             tempfile.gettempdir(), "megatron_ultramem_experiments")  # make_runner's default
         args = [a for i, a in enumerate(args) if a != "--work" and args[i - 1:i] != ["--work"]]
